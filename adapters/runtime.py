@@ -1,0 +1,182 @@
+"""Serving adapters on a live model: adapter-aware linear layers, resident slots, merge and restore.
+
+`AdaptedModel` replaces every target nn.Linear of the base model by an `AdaptedLinear` that keeps W0
+intact (a row with no adapter is exactly the base model) and adds, per row, the delta of that row's
+adapter. Adapters live in numbered slots (slot 0 = none) of per-layer banks on the device.
+
+The per-row slot reaches the layers as an explicit `AdapterBatch`: either passed to
+`AdaptedLinear.forward(x, batch)` by our own model code, or, for code that calls a Hugging Face forward
+(training, tests against PEFT), installed for the duration of a `with adapted.use(batch):` block.
+
+Merging (`merge`) writes W0 + ΔW into the weights when one adapter holds the whole batch; `unmerge`
+copies the pristine weights back (never a float subtraction), so restore is bit-exact.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adapters.base_model import BaseModel
+from adapters.factors import LayerFactors
+from adapters.file import Adapter, BaseSpec
+from adapters.methods import AdapterBatch, Bank, get_method
+
+
+class AdaptedLinear(nn.Linear):
+    """nn.Linear with W0 kept intact plus per-row adapter deltas. Same weight/bias parameters as the
+    layer it replaces, so module names and state dicts are unchanged."""
+
+    def __init__(self, linear: nn.Linear, factors: LayerFactors):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        self.U, self.S, self.V = factors.U, factors.S, factors.V  # on device, serving dtype
+        self.banks: dict[str, Bank] = {}
+        self.active: AdapterBatch | None = None  # set only inside AdaptedModel.use()
+
+    def bank(self, method: str, n_slots: int) -> Bank:
+        if method not in self.banks:
+            f = LayerFactors(self.U, self.S, self.V)
+            self.banks[method] = get_method(method).new_bank(
+                self.out_features, self.in_features, f, n_slots, self.weight.dtype)
+        return self.banks[method]
+
+    def forward(self, x: torch.Tensor, batch: AdapterBatch | None = None) -> torch.Tensor:
+        # x: [B, T, k] or [B, k]; row b uses the adapter in slot batch.slots[b]
+        y = F.linear(x, self.weight, self.bias)
+        batch = batch if batch is not None else self.active
+        if batch is None or batch.empty:
+            return y
+        z = U = None
+        if batch.rank:
+            z = x @ self.V[:, : batch.rank]  # shared by every tenant: [B, T, r]
+            U = self.U[:, : batch.rank]
+        for method in batch.methods:
+            bank = self.banks.get(method)
+            if bank is not None:
+                y = y + bank.delta(x, z, U, batch)
+        return y
+
+
+class AdaptedModel:
+    """The base model with adapter-aware target layers and `n_slots - 1` resident adapter slots."""
+
+    def __init__(self, base: BaseModel, factors: dict[str, LayerFactors], n_slots: int,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        self.base, self.n_slots = base, n_slots
+        self.device, self.dtype = torch.device(device), dtype
+        self.model = base.model.to(device=self.device, dtype=dtype)
+        self.factors = factors  # float32, CPU: the reference and the merge path use these
+        self.spec = BaseSpec(shapes=base.shapes(), r_max=min(f.S.shape[0] for f in factors.values()),
+                             fingerprint=base.fingerprint)
+        self.layers: dict[str, AdaptedLinear] = {}
+        for name, linear in base.targets.items():
+            layer = AdaptedLinear(linear, factors[name].to(self.device, dtype))
+            parent_name, _, child = name.rpartition(".")
+            setattr(self.model.get_submodule(parent_name), child, layer)
+            self.layers[name] = layer
+        base.targets = dict(self.layers)
+        self.resident: list[Adapter | None] = [None] * n_slots
+        self.merged: Adapter | None = None
+        self._pristine: dict[str, torch.Tensor] | None = None
+
+    # ---- slots -------------------------------------------------------------------------------------
+    def load(self, slot: int, adapter: Adapter) -> None:
+        """Make `adapter` resident in `slot` (1..n_slots-1), replacing whatever was there."""
+        if not 0 < slot < self.n_slots:
+            raise ValueError(f"slot {slot} out of range 1..{self.n_slots - 1}")
+        self.unload(slot)
+        method = get_method(adapter.method)
+        glob = {n: t.float() for n, t in adapter.glob.items()}
+        for name, layer in self.layers.items():
+            p = adapter.layers.get(name)
+            if p is not None:
+                layer.bank(adapter.method, self.n_slots).load(
+                    slot, p, self.factors[name], adapter.rank, method.scale(adapter.rank, adapter.alpha), glob)
+        self.resident[slot] = adapter
+
+    def unload(self, slot: int) -> None:
+        old = self.resident[slot]
+        if old is None:
+            return
+        for layer in self.layers.values():
+            if old.method in layer.banks:
+                layer.banks[old.method].clear(slot)
+        self.resident[slot] = None
+
+    def batch(self, slots: list[int]) -> AdapterBatch:
+        """The per-step batch object for rows using `slots` (0 = base model)."""
+        if self.merged is not None:
+            if any(self.resident[s] is not self.merged for s in slots):
+                raise RuntimeError("a merged model can only serve rows of the merged adapter")
+            slots = [0] * len(slots)
+        t = torch.tensor(slots, dtype=torch.long, device=self.device)
+        methods: dict[str, None] = {}
+        rank = 0
+        groups: dict[str, dict] = {}
+        for row, s in enumerate(slots):
+            a = self.resident[s]
+            if a is None:
+                if s != 0:
+                    raise KeyError(f"slot {s} holds no adapter")
+                continue
+            methods[a.method] = None
+            if get_method(a.method).uses_factors:
+                rank = max(rank, a.rank)
+            if a.method in ("lora", "sorsa", "vera"):
+                key = s if a.method != "vera" else self._vera_key(s)
+                groups.setdefault(a.method, {}).setdefault(key, []).append(row)
+        return AdapterBatch(
+            slots=t, methods=tuple(methods), rank=rank,
+            groups={m: [(k, torch.tensor(rows, dtype=torch.long, device=self.device)) for k, rows in g.items()]
+                    for m, g in groups.items()})
+
+    def _vera_key(self, slot: int) -> str:
+        for layer in self.layers.values():
+            bank = layer.banks.get("vera")
+            if bank is not None and slot in bank.slot_proj:
+                return bank.slot_proj[slot]
+        return ""
+
+    @contextmanager
+    def use(self, batch: AdapterBatch | None):
+        """Install `batch` on every adapted layer for code that calls the HF forward."""
+        for layer in self.layers.values():
+            layer.active = batch
+        try:
+            yield
+        finally:
+            for layer in self.layers.values():
+                layer.active = None
+
+    # ---- merge ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self, adapter: Adapter) -> None:
+        """Write W0 + ΔW into the weights of every layer `adapter` touches."""
+        if self.merged is adapter:
+            return
+        self.unmerge()
+        if self._pristine is None:
+            self._pristine = {n: l.weight.detach().to("cpu", copy=True) for n, l in self.layers.items()}
+        method = get_method(adapter.method)
+        glob = {n: t.float() for n, t in adapter.glob.items()}
+        for name, p in adapter.layers.items():
+            w0 = self._pristine[name].to(self.device, torch.float32)
+            f = self.factors[name].to(self.device)
+            p = {k: v.to(self.device) for k, v in p.items()}
+            delta = method.dense_delta(p, f, adapter.rank, adapter.scale, {k: v.to(self.device) for k, v in glob.items()})
+            self.layers[name].weight.copy_((w0 + delta).to(self.dtype))
+        self.merged = adapter
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Copy the pristine weights back (bit-exact)."""
+        if self.merged is None:
+            return
+        for name in self.merged.layers:
+            self.layers[name].weight.copy_(self._pristine[name])
+        self.merged = None
