@@ -180,3 +180,15 @@ class AdaptedModel:
         for name in self.merged.layers:
             self.layers[name].weight.copy_(self._pristine[name])
         self.merged = None
+
+
+def load_adapted_model(path: str | None, *, r_max: int, cache_dir: str | None, n_slots: int,
+                       device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                       targets: tuple[str, ...] | None = None, progress: bool = True) -> AdaptedModel:
+    """Base model (default: SmolLM2-135M-Instruct) + cached SVD factors + adapter slots, ready to serve."""
+    from adapters.base_model import DEFAULT_TARGETS, load_base_model
+    from adapters.factors import load_or_build_factors
+
+    base = load_base_model(path, targets or DEFAULT_TARGETS)
+    factors = load_or_build_factors(base.targets, base.fingerprint, r_max, cache_dir, progress=progress)
+    return AdaptedModel(base, factors, n_slots=n_slots, device=device, dtype=dtype)
