@@ -154,10 +154,10 @@ def _split(tensors: dict[str, torch.Tensor], method: str, spec: BaseSpec):
 
 def _check_shapes(a: Adapter, spec: BaseSpec) -> None:
     m = get_method(a.method)
-    if not a.layers:
-        raise AdapterFormatError("the adapter has no layer tensors")
     if m.uses_factors and a.rank > spec.r_max:
         raise AdapterFormatError(f"rank {a.rank} exceeds this server's max rank r_max={spec.r_max}")
+    if not a.layers:
+        raise AdapterFormatError("the adapter has no layer tensors")
     for module, ps in a.layers.items():
         d, k = spec.shapes[module]
         want = m.layer_shapes(d, k, a.rank)
