@@ -5,20 +5,23 @@ Unknown options and unknown SVDSERVE_ variables are errors.
 
 from __future__ import annotations
 
+import argparse
 import os
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
-from pydantic import BaseModel as PydanticModel
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MergePolicy = Literal["never", "auto", "always"]
+ENV_PREFIX = "SVDSERVE_"
 
 
-class Settings(PydanticModel):
-    """Every setting of the server; field names are the option names with - for _."""
+class Settings(BaseSettings):
+    """Every setting of the server; option `--max-rank` is field `max_rank` is variable SVDSERVE_MAX_RANK."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True,
+                                      case_sensitive=False)
 
     model: str | None = Field(None, description="local HF model directory or GGUF file (default: SmolLM2-135M-Instruct)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N (auto: cuda when present)")
@@ -26,15 +29,16 @@ class Settings(PydanticModel):
     max_rank: int = Field(64, ge=1, le=4096, description="r_max of the SVD factor cache")
     store: str = Field("./adapters-store", description="adapter store directory")
     cache_dir: str | None = Field(None, description="factor cache directory (default ~/.cache/svdserve/factors)")
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on")
     max_batch_size: int = Field(32, ge=1, le=1024, description="most sequences decoded together")
     max_model_len: int = Field(2048, ge=16, description="most tokens (prompt + completion) per sequence")
     max_queue: int = Field(256, ge=1, description="waiting requests beyond which new ones get 429")
     max_resident_adapters: int = Field(64, ge=1, le=100_000, description="adapter slots on the device")
-    merge_policy: MergePolicy = "auto"
+    max_adapter_bytes: int = Field(256 * 2**20, ge=1024, description="largest adapter upload accepted (bytes)")
+    merge_policy: MergePolicy = Field("auto", description="never | auto | always: merge one adapter into the weights")
     targets: str = Field("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", description="adapted linear layers")
-    log_level: str = "info"
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field("info", description="log level")
 
     @field_validator("targets")
     @classmethod
@@ -52,6 +56,7 @@ class ModelConfig:
     max_rank: int
     cache_dir: str | None
     targets: tuple[str, ...]
+    n_slots: int  # resident adapter slots + slot 0 (no adapter)
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,7 @@ class HttpConfig:
     host: str
     port: int
     log_level: str
+    max_adapter_bytes: int
 
 
 @dataclass(frozen=True)
@@ -93,18 +99,49 @@ def resolve_dtype(dtype: str, device: str) -> str:
 
 
 def settings_from_env(env: dict[str, str] | None = None) -> dict[str, str]:
-    """SVDSERVE_<NAME> variables as setting values; an unknown name is an error."""
+    """SVDSERVE_<NAME> variables as setting values; an unknown name is an error.
+
+    pydantic-settings reads the known variables itself but ignores unknown ones, so a misspelt
+    SVDSERVE_MAX_RANK would silently fall back to the default: this check refuses it instead.
+    """
     env = os.environ if env is None else env
     out = {}
     for key, value in env.items():
-        if not key.startswith("SVDSERVE_"):
+        if not key.upper().startswith(ENV_PREFIX):
             continue
-        name = key[len("SVDSERVE_"):].lower()
+        name = key[len(ENV_PREFIX):].lower()
         if name not in Settings.model_fields:
             raise ValueError(f"unknown setting {key}; known: "
-                             + ", ".join("SVDSERVE_" + n.upper() for n in Settings.model_fields))
+                             + ", ".join(ENV_PREFIX + n.upper() for n in Settings.model_fields))
         out[name] = value
     return out
+
+
+def arg_parser() -> argparse.ArgumentParser:
+    """`--max-rank 32` etc., one option per Settings field; defaults stay None so the environment and
+    the field defaults apply to whatever the command line leaves out."""
+    p = argparse.ArgumentParser(prog="python -m server", description="svdserve: an OpenAI-style server for "
+                                "SVD-based LLM adapters. Every option can also be set as SVDSERVE_<NAME>.",
+                                allow_abbrev=False)
+    for name, field in Settings.model_fields.items():
+        choices = None
+        if name in ("dtype", "merge_policy", "log_level"):
+            choices = list(get_args(field.annotation))
+        p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, choices=choices,
+                       metavar=None if choices else name.upper(), help=field.description)
+    return p
+
+
+def load_settings(argv: list[str] | None = None, env: dict[str, str] | None = None) -> Settings:
+    """Command line over environment over defaults. Raises SystemExit(2) for unknown options (argparse),
+    ValueError for unknown SVDSERVE_ variables, pydantic.ValidationError for bad values."""
+    args = arg_parser().parse_args(argv)
+    settings_from_env(env)  # refuse unknown variables before pydantic-settings reads the known ones
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    if env is None:
+        return Settings(**given)
+    values = {**settings_from_env(env), **given}
+    return Settings.model_validate(values)
 
 
 def build_config(s: Settings) -> Config:
@@ -112,10 +149,11 @@ def build_config(s: Settings) -> Config:
     return Config(
         model=ModelConfig(path=s.model, device=device, dtype=resolve_dtype(s.dtype, device),
                           max_rank=s.max_rank, cache_dir=s.cache_dir,
-                          targets=tuple(t.strip() for t in s.targets.split(",") if t.strip())),
+                          targets=tuple(t.strip() for t in s.targets.split(",") if t.strip()),
+                          n_slots=s.max_resident_adapters + 1),
         engine=EngineConfig(max_batch_size=s.max_batch_size, max_model_len=s.max_model_len,
                             max_queue=s.max_queue, max_resident_adapters=s.max_resident_adapters,
                             merge_policy=s.merge_policy),
-        http=HttpConfig(host=s.host, port=s.port, log_level=s.log_level),
+        http=HttpConfig(host=s.host, port=s.port, log_level=s.log_level, max_adapter_bytes=s.max_adapter_bytes),
         store=s.store,
     )

@@ -119,6 +119,13 @@ class AdapterStore:
             self._parsed.pop(adapter_id, None)
         _fsync_dir(self.root)
 
+    def exists(self, adapter_id: str) -> bool:
+        """Whether an adapter of that id is stored (False for an invalid id)."""
+        try:
+            return os.path.isfile(self._path(adapter_id))
+        except InvalidAdapterId:
+            return False
+
     def ids(self) -> list[str]:
         return sorted(n[: -len(SUFFIX)] for n in os.listdir(self.root)
                       if n.endswith(SUFFIX) and ID_RE.match(n[: -len(SUFFIX)]))

@@ -1,0 +1,82 @@
+"""POST /v1/chat/completions: the model's chat template, then the same engine runs as completions."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter
+
+from server.api import generation
+from server.api.deps import EngineDep, ServedDep, StoreDep, TokenizerDep
+from server.api.generation import Run, usage
+from server.api.inputs import chat_prompt, completion_tokens, resolve_adapter, sampling_params
+from server.api.streaming import DONE, event, sse
+from server.engine import Engine, TokenLogprob
+from server.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
+                             ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs, ChatTokenLogprob, Delta,
+                             TopLogprob, new_id, now)
+
+router = APIRouter()
+log = logging.getLogger(__name__)
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse)
+async def chat_completions(req: ChatCompletionRequest, engine: EngineDep, store: StoreDep,
+                           tokenizer: TokenizerDep, served: ServedDep):
+    """OpenAI chat completion; `stream: true` answers `chat.completion.chunk` events ending with `[DONE]`."""
+    adapter = resolve_adapter(req, served, store)
+    prompt = chat_prompt(req, tokenizer)
+    max_tokens = completion_tokens(req, req.max_completion_tokens or req.max_tokens, len(prompt),
+                                   served.max_model_len)
+    top = (req.top_logprobs or 0) if req.logprobs else None
+    rid = new_id("chatcmpl")
+    runs = await generation.start(engine, [prompt], sampling_params(req, max_tokens, top), adapter, req.n, rid)
+    model = adapter or served.name
+    if req.stream:
+        return sse(_stream(engine, runs, req, rid, model))
+    results = sorted(await generation.collect_all(engine, runs), key=lambda r: r.index)
+    ids = req.return_token_ids
+    choices = [ChatChoice(index=r.index, message=AssistantMessage(content=r.text), finish_reason=r.finish_reason,
+                          logprobs=_logprobs(r.logprobs) if req.logprobs else None,
+                          prompt_token_ids=r.prompt_token_ids if ids else None, token_ids=r.token_ids if ids else None)
+               for r in results]
+    counts = {r.index: (r.prompt_tokens, r.completion_tokens) for r in results}
+    return ChatCompletionResponse(id=rid, created=now(), model=model, choices=choices, usage=usage(counts, req.n))
+
+
+def _logprobs(lps: list[TokenLogprob] | None) -> ChatLogprobs:
+    def entry(token: str, logprob: float) -> dict:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+    return ChatLogprobs(content=[
+        ChatTokenLogprob(**entry(lp.token, lp.logprob), top_logprobs=[TopLogprob(**entry(t, v)) for t, v in lp.top.items()])
+        for lp in lps or []])
+
+
+async def _stream(engine: Engine, runs: list[Run], req: ChatCompletionRequest, rid: str,
+                  model: str) -> AsyncIterator[str]:
+    created, counts = now(), {}
+
+    def chunk(choices: list[ChatChunkChoice], **kw) -> str:
+        return event(ChatCompletionChunk(id=rid, created=created, model=model, choices=choices, **kw))
+
+    try:
+        # OpenAI opens every choice with a delta that carries only the role
+        yield chunk([ChatChunkChoice(index=r.index, delta=Delta(role="assistant", content="")) for r in runs])
+        async for run, out in generation.interleave(runs):
+            counts[run.index] = (out.prompt_tokens, out.completion_tokens)
+            if not (out.text or out.token_ids or out.finished):
+                continue
+            yield chunk([ChatChunkChoice(
+                index=run.index, delta=Delta(content=out.text) if out.text else Delta(),
+                logprobs=_logprobs(out.logprobs) if req.logprobs else None, finish_reason=out.finish_reason,
+                token_ids=out.token_ids if req.return_token_ids else None)])
+        if req.stream_options and req.stream_options.include_usage:
+            yield chunk([], usage=usage(counts, req.n))
+    except Exception as exc:  # after the 200 went out, an error can only be reported in the stream
+        log.exception("chat stream %s failed", rid)
+        yield event(generation.stream_error(exc))
+    finally:
+        await generation.close(engine, runs)
+    yield DONE

@@ -1,0 +1,171 @@
+"""From an API request to engine runs and back: submit, collect, stream.
+
+One API request becomes one engine request per (prompt, choice). Every run is *primed* (driven to its first
+output) before the HTTP response starts, so the engine's validation errors (unknown adapter, full queue, prompt
+too long) become 4xx answers instead of a broken 200 stream. A run whose consumer goes away is aborted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from server.engine import Engine, GenerationRequest, RequestOutput, SamplingParams, TokenLogprob
+from server.errors import as_api_error
+
+
+@dataclass
+class Run:
+    """One engine request in flight; `index` is the choice index in the API response."""
+
+    index: int
+    request: GenerationRequest
+    outputs: AsyncIterator[RequestOutput]
+    first: RequestOutput | None = None
+    finished: bool = False
+
+
+@dataclass
+class Result:
+    """A run collected to the end."""
+
+    index: int
+    text: str
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+async def _prime(run: Run) -> None:
+    outputs = run.outputs
+    if asyncio.iscoroutine(outputs):  # tolerate `async def generate` returning an iterator
+        run.outputs = outputs = await outputs
+    run.first = await anext(outputs)
+    run.finished = run.first.finished
+
+
+async def start(engine: Engine, prompts: list[list[int]], params: SamplingParams, adapter_id: str | None,
+                n: int, request_id: str) -> list[Run]:
+    """Submit n runs per prompt (seed, seed+1, ... per choice) and prime them together."""
+    runs = []
+    for p, ids in enumerate(prompts):
+        for i in range(n):
+            seeded = params if params.seed is None or i == 0 else _with_seed(params, params.seed + i)
+            req = GenerationRequest(request_id=f"{request_id}-{p * n + i}", prompt_token_ids=ids,
+                                    params=seeded, adapter_id=adapter_id)
+            runs.append(Run(index=p * n + i, request=req, outputs=engine.generate(req)))
+    results = await asyncio.gather(*(_prime(r) for r in runs), return_exceptions=True)
+    errors = [e for e in results if isinstance(e, BaseException)]
+    if errors:
+        await close(engine, runs)
+        raise as_api_error(errors[0]) if isinstance(errors[0], Exception) else errors[0]
+    return runs
+
+
+def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
+    from dataclasses import replace
+
+    return replace(params, seed=seed)
+
+
+async def close(engine: Engine, runs: list[Run]) -> None:
+    """Abort every unfinished run and close its iterator (safe to call more than once)."""
+    for run in runs:
+        if not run.finished:
+            engine.abort(run.request.request_id)
+            run.finished = True
+        aclose = getattr(run.outputs, "aclose", None)
+        if aclose is not None:
+            try:
+                await aclose()
+            except Exception:  # the iterator may already be closed or mid-cancellation
+                pass
+
+
+async def outputs(run: Run) -> AsyncIterator[RequestOutput]:
+    """Every output of a primed run, the first one included."""
+    assert run.first is not None
+    yield run.first
+    if run.first.finished:
+        return
+    async for out in run.outputs:
+        if out.finished:
+            run.finished = True
+        yield out
+        if out.finished:
+            return
+
+
+async def collect(run: Run) -> Result:
+    res = Result(index=run.index, text="", prompt_token_ids=run.request.prompt_token_ids)
+    parts = []
+    async for out in outputs(run):
+        parts.append(out.text)
+        res.token_ids += out.token_ids
+        if out.logprobs is not None:
+            res.logprobs = (res.logprobs or []) + list(out.logprobs)
+        res.finish_reason = out.finish_reason
+        res.prompt_tokens, res.completion_tokens = out.prompt_tokens, out.completion_tokens
+    res.text = "".join(parts)
+    return res
+
+
+async def collect_all(engine: Engine, runs: list[Run]) -> list[Result]:
+    try:
+        return list(await asyncio.gather(*(collect(r) for r in runs)))
+    finally:
+        await close(engine, runs)
+
+
+async def interleave(runs: list[Run]) -> AsyncIterator[tuple[Run, RequestOutput]]:
+    """Outputs of all runs as they come. The caller closes the runs (see `close`)."""
+    if len(runs) == 1:
+        async for out in outputs(runs[0]):
+            yield runs[0], out
+        return
+    queue: asyncio.Queue[tuple[Run, RequestOutput | BaseException | None]] = asyncio.Queue()
+
+    async def pump(run: Run) -> None:
+        try:
+            async for out in outputs(run):
+                await queue.put((run, out))
+        except BaseException as exc:  # surfaced to the consumer, which owns cancellation
+            await queue.put((run, exc))
+            return
+        await queue.put((run, None))
+
+    tasks = [asyncio.create_task(pump(r)) for r in runs]
+    try:
+        remaining = len(runs)
+        while remaining:
+            run, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield run, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def usage(counts: dict[int, tuple[int, int]], n: int):
+    """Usage from {choice index: (prompt_tokens, completion_tokens)}; a prompt counts once, not per choice,
+    as OpenAI counts it."""
+    from server.protocol import Usage
+
+    prompt = sum(p for i, (p, _) in counts.items() if i % n == 0)
+    completion = sum(c for _, c in counts.values())
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def stream_error(exc: Exception) -> dict:
+    """The event sent when a stream fails after its 200 went out (vLLM sends the same)."""
+    from server.errors import error_body
+
+    return error_body(500, f"generation failed: {type(exc).__name__}: {exc}", code="internal_error")

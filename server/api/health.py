@@ -1,0 +1,44 @@
+"""GET /health (liveness and readiness: the model is loaded before the server accepts connections) and
+GET /metrics (Prometheus text exposition of the engine's counters and gauges)."""
+
+from __future__ import annotations
+
+import math
+
+from fastapi import APIRouter
+from fastapi.responses import PlainTextResponse
+
+from server.api.deps import EngineDep, ServedDep
+
+router = APIRouter()
+PREFIX = "svdserve_"
+
+
+@router.get("/health")
+async def health(served: ServedDep, engine: EngineDep) -> dict:
+    return {"status": "ok", "model": served.name, "fingerprint": served.fingerprint}
+
+
+def prometheus(stats: dict[str, float | int]) -> str:
+    """One sample per stat; names ending in `_total` are counters, the rest gauges."""
+    lines = []
+    for key in sorted(stats):
+        value = float(stats[key])
+        name = PREFIX + "".join(c if c.isalnum() or c == "_" else "_" for c in key)
+        kind = "counter" if name.endswith("_total") else "gauge"
+        lines += [f"# HELP {name} svdserve engine statistic {key}", f"# TYPE {name} {kind}",
+                  f"{name} {_number(value)}"]
+    return "\n".join(lines) + "\n"
+
+
+def _number(v: float) -> str:
+    if math.isnan(v):
+        return "NaN"
+    if math.isinf(v):
+        return "+Inf" if v > 0 else "-Inf"
+    return str(int(v)) if v.is_integer() else repr(v)
+
+
+@router.get("/metrics", response_class=PlainTextResponse)
+async def metrics(engine: EngineDep) -> PlainTextResponse:
+    return PlainTextResponse(prometheus(engine.stats()), media_type="text/plain; version=0.0.4")

@@ -1,0 +1,79 @@
+"""Turning an API request into engine inputs: which adapter, which token ids, which sampling parameters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from server.api.deps import Served
+from server.engine import SamplingParams
+from server.errors import APIError
+from server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from server.store import AdapterStore, InvalidAdapterId, check_id
+
+
+def resolve_adapter(req: SamplingFields, served: Served, store: AdapterStore) -> str | None:
+    """The adapter a request names (`adapter_id`, else `model` when it is not the base model), or None.
+
+    An adapter that is not in the store is a 404: a request for an adapter is never served by the base model.
+    """
+    if req.adapter_id is not None:
+        try:
+            adapter = check_id(req.adapter_id)
+        except InvalidAdapterId as exc:
+            raise APIError(400, str(exc), param="adapter_id", code="invalid_adapter_id") from None
+        if req.model not in (None, "", served.name, adapter):
+            raise APIError(400, f"model {req.model!r} and adapter_id {adapter!r} disagree: set model to the "
+                                f"base model {served.name!r} or to the adapter id", param="model")
+        param = "adapter_id"
+    elif req.model and req.model != served.name:
+        adapter, param = req.model, "model"
+    else:
+        return None
+    if not store.exists(adapter):
+        raise APIError(404, f"{param} {adapter!r} is neither the base model {served.name!r} nor a stored "
+                            "adapter (see GET /v1/models)", param=param, code="adapter_not_found")
+    return adapter
+
+
+def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                          top_k=req.top_k, seed=req.seed, stop=tuple(req.stop), ignore_eos=req.ignore_eos,
+                          logprobs=logprobs)
+
+
+def completion_prompts(req: CompletionRequest, tokenizer: Any) -> list[list[int]]:
+    vocab = len(tokenizer)
+    out = []
+    for p in req.prompts():
+        ids = tokenizer.encode(p) if isinstance(p, str) else list(p)
+        if not ids:
+            raise APIError(400, "prompt must not be empty", param="prompt")
+        if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
+            raise APIError(400, f"prompt token ids must be integers in [0, {vocab})", param="prompt")
+        out.append(ids)
+    return out
+
+
+def chat_prompt(req: ChatCompletionRequest, tokenizer: Any) -> list[int]:
+    """The model's chat template applied to the messages, ending with the assistant's turn."""
+    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    try:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    except Exception as exc:  # jinja raises TemplateError (e.g. roles out of order) or ValueError (no template)
+        raise APIError(400, f"messages do not fit the model's chat template: {exc}", param="messages") from None
+    if hasattr(ids, "keys"):  # transformers 5 answers a BatchEncoding
+        ids = ids["input_ids"]
+    if ids and isinstance(ids[0], list):
+        ids = ids[0]
+    return [int(t) for t in ids]
+
+
+def completion_tokens(req: SamplingFields, requested: int | None, prompt_len: int, max_model_len: int) -> int:
+    """max_tokens as asked, or (left out) whatever room the context has."""
+    if requested is not None:
+        return requested
+    room = max_model_len - prompt_len
+    if room < 1:
+        raise APIError(400, f"the prompt has {prompt_len} tokens, which leaves no room in the context of "
+                            f"{max_model_len} tokens", param="messages")
+    return room

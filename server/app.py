@@ -1,0 +1,63 @@
+"""The FastAPI application: `create_app(config)` builds it; its lifespan loads the model, opens the adapter
+store and starts the engine before the first request, and stops the engine at shutdown."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+from fastapi import FastAPI
+
+from server.api import routers
+from server.api.deps import Served
+from server.config import Config
+from server.errors import install_error_handlers
+
+log = logging.getLogger(__name__)
+
+
+def load_model(config: Config):
+    """The base model with its SVD factors and adapter slots, as the config asks."""
+    import torch
+
+    from adapters.runtime import load_adapted_model
+
+    m = config.model
+    return load_adapted_model(m.path, r_max=m.max_rank, cache_dir=m.cache_dir, n_slots=m.n_slots,
+                              device=m.device, dtype=getattr(torch, m.dtype), targets=m.targets, progress=False)
+
+
+def create_app(config: Config, model=None) -> FastAPI:
+    """The app for `config`. `model` (an AdaptedModel whose base carries a tokenizer) skips loading, for
+    tests on tiny models; by default the lifespan loads `config.model`."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        from server.engine import Engine
+        from server.store import AdapterStore
+
+        started = time.monotonic()
+        adapted = model if model is not None else await anyio.to_thread.run_sync(load_model, config)
+        tokenizer = adapted.base.tokenizer
+        store = AdapterStore(config.store, adapted.spec)
+        engine = Engine(config.engine, adapted, tokenizer, store)
+        engine.start()
+        app.state.config, app.state.store, app.state.engine, app.state.tokenizer = config, store, engine, tokenizer
+        app.state.served = Served(name=adapted.base.name, fingerprint=adapted.base.fingerprint,
+                                  created=int(time.time()), max_model_len=config.engine.max_model_len)
+        log.info("serving %s (fingerprint %s) on %s, store %s; ready in %.1f s", adapted.base.name,
+                 adapted.base.fingerprint, config.model.device, store.root, time.monotonic() - started)
+        try:
+            yield
+        finally:
+            engine.shutdown()
+
+    app = FastAPI(title="svdserve", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-style inference server for SVD-based LLM adapters")
+    install_error_handlers(app)
+    for router in routers:
+        app.include_router(router)
+    return app
