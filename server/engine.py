@@ -1,0 +1,244 @@
+"""The engine: a background thread that steps schedule → run → update, and async streams per request.
+
+The HTTP layer calls `generate()` on its event loop; the request is validated there (so errors surface
+before the first output), then handed to the scheduler. The step thread publishes each step's news to the
+requests' asyncio queues with `loop.call_soon_threadsafe`. The scheduler is only touched under `_lock`;
+the forward pass runs outside it, so submissions and aborts never wait for a step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import torch
+
+from adapters.runtime import AdaptedModel
+from server.config import EngineConfig
+from server.model_runner import ModelRunner
+from server.residency import Residency
+from server.scheduler import QueueFull, Scheduler, SchedulerOutput
+from server.sequence import Detokenizer, SampledToken, SamplingParams, Sequence, Status
+from server.store import AdapterStore
+
+__all__ = ["Engine", "GenerationRequest", "QueueFull", "RequestOutput", "SamplingParams", "TokenLogprob"]
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    adapter_id: str | None = None  # None = base model
+
+
+@dataclass
+class TokenLogprob:
+    token: str  # decoded text of the chosen token
+    logprob: float
+    top: dict[str, float]  # top-k alternatives: decoded text -> logprob
+
+
+@dataclass
+class RequestOutput:
+    """One per engine step per request (streamed); the last has finished=True."""
+
+    request_id: str
+    text: str  # new text since the previous output (stop-string safe)
+    token_ids: list[int]  # new token ids since the previous output
+    logprobs: list[TokenLogprob] | None
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort" | None while running
+    prompt_tokens: int
+    completion_tokens: int  # total so far
+
+
+def eos_ids(tokenizer, model: torch.nn.Module) -> set[int]:
+    """The tokenizer's eos and every id of the model's generation_config eos list."""
+    ids = {tokenizer.eos_token_id} if getattr(tokenizer, "eos_token_id", None) is not None else set()
+    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(gen if isinstance(gen, list) else [gen] if gen is not None else [])
+    return ids
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, model: AdaptedModel, tokenizer, store: AdapterStore,
+                 seed: int | None = None):
+        self.config, self.model, self.tokenizer, self.store = config, model, tokenizer, store
+        self.vocab_size = model.model.config.vocab_size
+        self.residency = Residency(model, config.merge_policy, config.max_resident_adapters)
+        self.scheduler = Scheduler(max_batch_size=config.max_batch_size, max_model_len=config.max_model_len,
+                                   max_queue=config.max_queue, eos_ids=eos_ids(tokenizer, model.model),
+                                   slots=self.residency)
+        self.runner = ModelRunner(model, self.residency, config.max_batch_size, config.max_model_len, seed)
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self.counters = {"tokens_generated_total": 0, "requests_total": 0, "step_count": 0,
+                         "prefill_steps": 0, "decode_steps": 0, "aborted_total": 0}
+
+    # ---- lifecycle --------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="svdserve-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while not self._stop.is_set():
+                self._wake.clear()  # a submission after this point wakes the wait below
+                try:
+                    busy = self.step()
+                except Exception:  # keep serving: fail what was running, not the server
+                    log.exception("engine step failed; aborting running requests")
+                    self._fail_running()
+                    busy = True
+                if not busy:
+                    self._wake.wait(timeout=1.0)
+
+    # ---- the step ---------------------------------------------------------------------------------
+    def step(self) -> bool:
+        """One engine step; False when there was nothing to do."""
+        sched = self._schedule()
+        results = self.runner.run(sched)
+        return self._update(sched, results)
+
+    def _schedule(self) -> SchedulerOutput:
+        with self._lock:
+            return self.scheduler.schedule()
+
+    def _update(self, sched: SchedulerOutput, results: list[SampledToken]) -> bool:
+        with self._lock:
+            changed = self.scheduler.update(sched, results)
+            self._count(sched, results, changed)
+            outputs = [self._output(s) for s in changed]
+        self._publish(outputs)
+        return not sched.empty or bool(changed)
+
+    def _count(self, sched: SchedulerOutput, results: list[SampledToken], changed: list[Sequence]) -> None:
+        c = self.counters
+        if not sched.empty:
+            c["step_count"] += 1
+            c["prefill_steps" if sched.prefill else "decode_steps"] += 1
+        c["tokens_generated_total"] += len(results)
+        c["aborted_total"] += len(sched.aborted)
+
+    def _fail_running(self) -> None:
+        with self._lock:
+            ids = [s.request_id for s in self.scheduler.running]
+        for request_id in ids:
+            self.abort(request_id)
+
+    # ---- requests ---------------------------------------------------------------------------------
+    async def generate(self, req: GenerationRequest) -> AsyncIterator[RequestOutput]:
+        """Stream the outputs of one request. Raises (before the first output) QueueFull,
+        AdapterNotFound, InvalidAdapterId, ValueError. Stopping the iteration aborts the request."""
+        seq = self._sequence(req)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        with self._lock:
+            if req.request_id in self._streams:
+                raise ValueError(f"request id {req.request_id!r} is already running")
+            self.scheduler.add(seq)  # raises QueueFull
+            self._streams[req.request_id] = (loop, queue)
+            self.counters["requests_total"] += 1
+        self.start()
+        self._wake.set()
+        finished = False
+        try:
+            while not finished:
+                out = await queue.get()
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self.abort(req.request_id)
+
+    def _sequence(self, req: GenerationRequest) -> Sequence:
+        p, ids = req.params, req.prompt_token_ids
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if any(not 0 <= t < self.vocab_size for t in ids):
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        if p.max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        if len(ids) + p.max_tokens > self.config.max_model_len:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({p.max_tokens}) exceeds "
+                             f"max_model_len ({self.config.max_model_len})")
+        if p.temperature < 0 or not 0 < p.top_p <= 1 or (p.logprobs is not None and p.logprobs < 0):
+            raise ValueError("temperature must be >= 0, top_p in (0, 1], logprobs >= 0")
+        key = adapter = None
+        if req.adapter_id is not None:
+            stored = self.store.get(req.adapter_id)  # the version is fixed here
+            key, adapter = (req.adapter_id, stored.version), stored.adapter
+        decode = lambda t: self.tokenizer.decode(t, skip_special_tokens=True)  # noqa: E731
+        return Sequence(request_id=req.request_id, prompt_ids=list(ids), params=p,
+                        detok=Detokenizer(decode, ids), adapter_key=key, adapter=adapter)
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self.scheduler.abort(request_id)
+        self._wake.set()
+
+    def forget_adapter(self, adapter_id: str) -> None:
+        with self._lock:
+            self.residency.forget(adapter_id)
+
+    def stats(self) -> dict[str, float | int]:
+        with self._lock:
+            r = self.residency
+            return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                    "resident_adapters": len(r.slot_of), "merged": int(r.merged is not None),
+                    "adapter_loads_total": r.loads, "adapter_evictions_total": r.evictions,
+                    "merges_total": r.merges, **self.counters}
+
+    # ---- outputs ----------------------------------------------------------------------------------
+    def _output(self, seq: Sequence) -> tuple[str, RequestOutput]:
+        text, ids, lps = seq.take_new()
+        done = seq.status is Status.FINISHED
+        out = RequestOutput(request_id=seq.request_id, text=text, token_ids=ids,
+                            logprobs=self._logprobs(lps) if lps is not None else None, finished=done,
+                            finish_reason=seq.finish_reason if done else None,
+                            prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids))
+        return seq.request_id, out
+
+    def _logprobs(self, lps: list[SampledToken]) -> list[TokenLogprob]:
+        dec = lambda t: self.tokenizer.decode([t])  # noqa: E731
+        return [TokenLogprob(token=dec(s.token_id), logprob=s.logprob,
+                             top={dec(t): lp for t, lp in s.top or []}) for s in lps]
+
+    def _publish(self, outputs: list[tuple[str, RequestOutput]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        with self._lock:
+            for request_id, out in outputs:
+                stream = self._streams.get(request_id)
+                if stream is None:
+                    continue
+                if out.finished:
+                    del self._streams[request_id]
+                by_loop.setdefault(stream[0], []).append((stream[1], out))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the loop is closed: nobody listens any more
+                pass
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for queue, out in items:
+        queue.put_nowait(out)

@@ -1,0 +1,131 @@
+"""One request's life inside the engine: its sampling parameters, tokens, text and finish state.
+
+Plain Python (no torch): the scheduler and its tests use it without a model. The text is detokenized
+incrementally as tokens arrive; `take_new()` hands out only text that can no longer change — a stop string
+that might still be completing is held back, so no part of it ever reaches the client.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+AdapterKey = tuple[str, str]  # (adapter id, version = sha256 of the file)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1 = off (vLLM extension)
+    seed: int | None = None  # same seed, same output
+    stop: tuple[str, ...] = ()  # stop strings; the stop string is not included in the text
+    ignore_eos: bool = False  # vLLM extension
+    logprobs: int | None = None  # None = none; k >= 0 = chosen token's logprob + top-k alternatives
+
+
+@dataclass(frozen=True)
+class SampledToken:
+    """What the model runner returns for one row of one step (plain Python)."""
+
+    token_id: int
+    logprob: float | None = None  # log-probability of token_id under the model (None: not requested)
+    top: list[tuple[int, float]] | None = None  # top-k (token id, logprob), best first
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Detokenizer:
+    """Incremental detokenization: decodes a short window of ids and returns only the new, complete text.
+
+    A window (not the whole output) keeps each step O(1); starting it with the prompt's last tokens keeps
+    word boundaries (leading spaces) right. Text ending in U+FFFD is an incomplete UTF-8 character and
+    waits for the next token.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str], prompt_ids: list[int], context: int = 5):
+        self.decode = decode
+        self.ids = list(prompt_ids[-context:])
+        self.prefix = 0  # window start
+        self.read = len(self.ids)  # ids before this are already turned into text
+
+    def step(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        before = self.decode(self.ids[self.prefix:self.read])
+        after = self.decode(self.ids[self.prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return after[len(before):]
+        return ""
+
+
+@dataclass(eq=False)
+class Sequence:
+    """A request in the scheduler. `row` is its KV-cache row while running (rows 0..n-1 are the running
+    sequences, in `Scheduler.running` order); `slot` is its adapter slot (0 = base model)."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    detok: Detokenizer
+    adapter_key: AdapterKey | None = None
+    adapter: object | None = None  # the parsed adapter of that version, loaded into a slot on admission
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[SampledToken] = field(default_factory=list)  # per output token, when requested
+    status: Status = Status.WAITING
+    row: int = -1
+    slot: int = 0
+    finish_reason: str | None = None
+    text: str = ""  # detokenized output so far (cut at a stop string)
+    sent_chars: int = 0
+    sent_tokens: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_cached(self) -> int:
+        """Tokens whose K/V are in the cache: all but the last sampled one (it is the next input)."""
+        return self.num_tokens - 1
+
+    @property
+    def remaining(self) -> int:
+        return self.params.max_tokens - len(self.output_ids)
+
+    def append(self, out: SampledToken, is_eos: bool) -> None:
+        self.output_ids.append(out.token_id)
+        if self.params.logprobs is not None:
+            self.logprobs.append(out)
+        if not is_eos:  # the eos token has no text
+            self.text += self.detok.step(out.token_id)
+
+    def find_stop(self, new_chars: int) -> bool:
+        """Cut the text at the first stop string that ends in the last `new_chars` characters."""
+        if not self.params.stop:
+            return False
+        longest = max(len(s) for s in self.params.stop)
+        start = max(0, len(self.text) - new_chars - longest + 1)
+        hits = [i for i in (self.text.find(s, start) for s in self.params.stop) if i >= 0]
+        if not hits:
+            return False
+        self.text = self.text[: min(hits)]
+        return True
+
+    def take_new(self) -> tuple[str, list[int], list[SampledToken] | None]:
+        """Text, token ids and logprobs not handed out yet. While running, the last len(longest stop)-1
+        characters are held back: they may be the start of a stop string."""
+        end = len(self.text)
+        if self.status is not Status.FINISHED and self.params.stop:
+            end = max(self.sent_chars, end - (max(len(s) for s in self.params.stop) - 1))
+        text = self.text[self.sent_chars:end]
+        ids = self.output_ids[self.sent_tokens:]
+        lps = self.logprobs[self.sent_tokens:] if self.params.logprobs is not None else None
+        self.sent_chars, self.sent_tokens = end, len(self.output_ids)
+        return text, ids, lps
