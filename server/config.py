@@ -145,10 +145,12 @@ def load_settings(argv: list[str] | None = None, env: dict[str, str] | None = No
 
 
 def build_config(s: Settings) -> Config:
+    from adapters.factors import default_cache_dir
+
     device = resolve_device(s.device)
     return Config(
         model=ModelConfig(path=s.model, device=device, dtype=resolve_dtype(s.dtype, device),
-                          max_rank=s.max_rank, cache_dir=s.cache_dir,
+                          max_rank=s.max_rank, cache_dir=s.cache_dir or default_cache_dir(),
                           targets=tuple(t.strip() for t in s.targets.split(",") if t.strip()),
                           n_slots=s.max_resident_adapters + 1),
         engine=EngineConfig(max_batch_size=s.max_batch_size, max_model_len=s.max_model_len,

