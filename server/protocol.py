@@ -79,6 +79,13 @@ class CompletionRequest(SamplingFields):
     best_of: int | None = None
     suffix: str | None = None
 
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v):
+        if isinstance(v, list) and (not v or any(isinstance(x, (str, list)) and not x for x in v)):
+            raise ValueError("prompt must not be empty")
+        return v
+
     @model_validator(mode="after")
     def _completion_unsupported(self):
         if self.echo:
@@ -94,8 +101,6 @@ class CompletionRequest(SamplingFields):
         p = self.prompt
         if isinstance(p, str):
             return [p]
-        if not p:
-            raise ValueError("prompt must not be empty")
         if all(isinstance(x, int) for x in p):
             return [list(p)]
         return list(p)
