@@ -90,8 +90,11 @@ def _has_osora_keys(path: str) -> bool:
         return False
     from safetensors import safe_open
 
-    with safe_open(path, framework="pt") as f:
-        return any(".osora_" in k for k in f.keys())
+    try:
+        with safe_open(path, framework="pt") as f:
+            return any(".osora_" in k for k in f.keys())
+    except Exception:  # unreadable: reading it as a checkpoint later reports why
+        return False
 
 
 def import_adapter(src: str, spec: BaseSpec, factors: dict[str, LayerFactors] | None = None,
