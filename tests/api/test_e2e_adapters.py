@@ -39,7 +39,9 @@ def _bad_uploads(reference) -> list[tuple[str, str, bytes, int, str]]:
                            base_fingerprint=reference.spec.fingerprint)
     bad_meta = save({"x": torch.zeros(2)}, metadata={"format": "something-else"})
     return [
-        ("id with a slash-free path", "..", good.to_bytes(), 400, "invalid adapter id"),
+        ("id '..' (the client resolves it: no route)", "..", good.to_bytes(), 404, "not found"),
+        ("id '..' percent-encoded", "%2E%2E", good.to_bytes(), 400, "invalid adapter id"),
+        ("id that is a path", "a%2Fb", good.to_bytes(), 404, "not found"),
         ("id too long", "a" * 65, good.to_bytes(), 400, "invalid adapter id"),
         ("id with a space", "a%20b", good.to_bytes(), 400, "invalid adapter id"),
         ("not safetensors", "bad-1", b"this is not a safetensors file", 400, "not a safetensors file"),
