@@ -135,7 +135,10 @@ class DecoderModel:
         self.cache.ensure(length)
         rows = torch.arange(B, device=self.device)
         cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]  # [B, 1, 1, hd]
-        mask = (torch.arange(length, device=self.device)[None] <= pos[:, None])[:, None, None]  # [B, 1, 1, L]
+        # additive float mask, built once per step (a bool mask is converted by SDPA in every layer)
+        visible = torch.arange(length, device=self.device)[None] <= pos[:, None]  # [B, L]
+        mask = torch.zeros(B, 1, 1, length, dtype=self.dtype, device=self.device)
+        mask.masked_fill_(~visible[:, None, None], float("-inf"))  # [B, 1, 1, L]
         h = self.embed(tokens[:, None])  # [B, 1, D]
         for i, layer in enumerate(self.layers):
             a = layer.self_attn
