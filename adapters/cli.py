@@ -222,7 +222,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from adapters.exporter import export_peft_lora, to_lora
+    from adapters.exporter import export_peft_lora
     from adapters.file import AdapterFormatError, parse_adapter
     from adapters.methods import get_method
 
@@ -234,8 +234,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     except AdapterFormatError as exc:
         raise CommandError(f"{args.file}: {exc}") from None
     factors = _factors(base, args) if get_method(adapter.method).uses_factors else None
-    export_peft_lora(adapter, spec, factors, args.output, base_name=args.model or base.name)
-    _, rank, alpha = to_lora(adapter, spec, factors)
+    if factors and adapter.rank > min(f.S.shape[0] for f in factors.values()):
+        # r_max is clipped to min(d, k) per layer, so a small layer may have fewer factors than --max-rank
+        raise CommandError(f"{args.file}: rank {adapter.rank} exceeds the factors of the smallest layer")
+    rank, alpha = export_peft_lora(adapter, spec, factors, args.output, base_name=args.model or base.name)
     print(f"exported {adapter.method} r={adapter.rank} as a PEFT LoRA r={rank}, lora_alpha={alpha:g} "
           f"({len(adapter.layers)} modules) -> {args.output}")
     return 0

@@ -104,8 +104,9 @@ def peft_config(rank: int, alpha: float, modules: list[str], base_name: str | No
 
 
 def export_peft_lora(adapter: Adapter, spec: BaseSpec, factors: dict[str, LayerFactors] | None,
-                     directory: str, base_name: str | None = None) -> None:
-    """Write `adapter` as a PEFT LoRA directory (created if needed; existing adapter files are replaced)."""
+                     directory: str, base_name: str | None = None) -> tuple[int, float]:
+    """Write `adapter` as a PEFT LoRA directory (created if needed; existing adapter files are replaced).
+    Returns the LoRA rank and lora_alpha."""
     pairs, rank, alpha = to_lora(adapter, spec, factors)
     tensors = {}
     for module, (a, b) in pairs.items():
@@ -117,3 +118,4 @@ def export_peft_lora(adapter: Adapter, spec: BaseSpec, factors: dict[str, LayerF
     with open(os.path.join(directory, "adapter_config.json"), "w") as f:
         json.dump(config, f, indent=2)
         f.write("\n")
+    return rank, alpha
