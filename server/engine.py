@@ -139,8 +139,10 @@ class Engine:
         c["aborted_total"] += len(sched.aborted)
 
     def _fail_running(self) -> None:
+        # the queue head too: if admitting it is what fails (e.g. loading its adapter), it would fail forever
         with self._lock:
-            ids = [s.request_id for s in self.scheduler.running]
+            ids = [s.request_id for s in self.scheduler.running] + [s.request_id for s in
+                                                                    list(self.scheduler.waiting)[:1]]
         for request_id in ids:
             self.abort(request_id)
 

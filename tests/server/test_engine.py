@@ -59,6 +59,7 @@ def test_mixed_batch_equals_alone_and_dense_reference(tiny, tmp_path, policy):
     finally:
         eng.shutdown()
     assert together == alone
+    assert (eng.stats()["merges_total"] > 0) == (policy != "never")  # alone runs of 40 tokens merge
     for i, a in enumerate(ids):
         model = reference if a is None else dense_reference(reference, adapted, store.get(a).adapter)
         assert together[i] == greedy_reference(model, ps[i], reqs[i].params.max_tokens), f"request {i} ({a})"
