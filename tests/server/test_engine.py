@@ -9,7 +9,6 @@ import time
 import pytest
 import torch
 
-from adapters.file import AdapterFormatError  # noqa: F401  (re-exported errors the HTTP layer maps)
 from server.engine import SamplingParams
 from server.store import AdapterNotFound
 

@@ -128,9 +128,7 @@ def test_in_flight_request_keeps_its_version(tiny, tmp_path):
     eng, store = make_engine(adapted, tokenizer, tmp_path / "store")
     v1 = make_adapter(adapted, "osora", seed=1).to_bytes()
     v2 = make_adapter(adapted, "loraxs", seed=2).to_bytes()
-    long = request(0, [5, 6, 7], "x")
-    long = type(long)(long.request_id, long.prompt_token_ids, type(long.params)(max_tokens=30, temperature=0,
-                                                                                   ignore_eos=True), "x")
+    long = request(0, [5, 6, 7], "x", SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
     try:
         store.put("x", v1)
         ref_v1 = tokens(run_all(eng, [long])[0])
