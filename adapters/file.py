@@ -66,7 +66,13 @@ class Adapter:
         return flat
 
     def to_bytes(self) -> bytes:
-        return st_save(self.tensors(), metadata=self.metadata())
+        """The file's bytes; deterministic (safetensors writes its metadata in hash order, so the header is
+        re-serialized with sorted keys: the same adapter always has the same sha256, hence one version)."""
+        data = st_save(self.tensors(), metadata=self.metadata())
+        (n,) = struct.unpack("<Q", data[:8])
+        header = json.dumps(json.loads(data[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # keep the data section 8-byte aligned, as safetensors does
+        return struct.pack("<Q", len(header)) + header + data[8 + n :]
 
     def num_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())

@@ -114,3 +114,9 @@ def test_vera_needs_projections(spec, tiny_factors):
     a.glob = {}
     with pytest.raises(AdapterFormatError, match="needs top-level tensors"):
         parse_adapter(a.to_bytes(), spec)
+
+
+def test_same_adapter_same_bytes(spec, tiny_factors):
+    """One adapter, one sha256: the store versions adapters by it."""
+    a = random_adapter("vera", spec, tiny_factors, 4, seed=0, alpha=3.0)
+    assert len({a.to_bytes() for _ in range(10)}) == 1
