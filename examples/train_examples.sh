@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA="${DATA:-$(mktemp -d)}"
 OUT_DIR="${OUT_DIR:-$(mktemp -d)}"
-COMMON=(--rank 32 --steps 80 --lr 2e-2 --batch-size 8 --max-length 96 --eval-fraction 0.2 --seed 0
+COMMON=(--rank 32 --steps 40 --lr 2e-2 --batch-size 8 --max-length 96 --eval-fraction 0.2 --seed 0
         --threads 1 --no-progress)
 
 python examples/make_data.py --out-dir "$DATA"
