@@ -32,8 +32,7 @@ $(STAMP): pyproject.toml
 
 # The SVD factors of the base model, computed once (~15 s on 2 CPU cores) and reused by every start.
 factors: $(STAMP)
-	$(PY) -c "from adapters.base_model import load_base_model; from adapters.factors import load_or_build_factors; \
-	b = load_base_model(); load_or_build_factors(b.targets, b.fingerprint, $(MAX_RANK), '$(CACHE_DIR)')"
+	$(PY) -m adapters factors --cache-dir $(CACHE_DIR) --max-rank $(MAX_RANK)
 
 serve: factors
 	$(PY) -m server --host $(HOST) --port $(PORT) --store $(STORE) --cache-dir $(CACHE_DIR) --max-rank $(MAX_RANK)

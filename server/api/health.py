@@ -12,6 +12,7 @@ from server.api.deps import EngineDep, ServedDep
 
 router = APIRouter()
 PREFIX = "svdserve_"
+GAUGES = {"running", "waiting", "resident_adapters", "merged"}  # everything else the engine counts up
 
 
 @router.get("/health")
@@ -20,12 +21,12 @@ async def health(served: ServedDep, engine: EngineDep) -> dict:
 
 
 def prometheus(stats: dict[str, float | int]) -> str:
-    """One sample per stat; names ending in `_total` are counters, the rest gauges."""
+    """One sample per stat: the engine's current state (GAUGES) as gauges, its running counts as counters."""
     lines = []
     for key in sorted(stats):
         value = float(stats[key])
         name = PREFIX + "".join(c if c.isalnum() or c == "_" else "_" for c in key)
-        kind = "counter" if name.endswith("_total") else "gauge"
+        kind = "gauge" if key in GAUGES else "counter"
         lines += [f"# HELP {name} svdserve engine statistic {key}", f"# TYPE {name} {kind}",
                   f"{name} {_number(value)}"]
     return "\n".join(lines) + "\n"
