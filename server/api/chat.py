@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from server.api import generation
 from server.api.deps import EngineDep, ServedDep, StoreDep, TokenizerDep
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse)
 async def chat_completions(req: ChatCompletionRequest, engine: EngineDep, store: StoreDep,
-                           tokenizer: TokenizerDep, served: ServedDep):
+                           tokenizer: TokenizerDep, served: ServedDep, request: Request):
     """OpenAI chat completion; `stream: true` answers `chat.completion.chunk` events ending with `[DONE]`."""
     adapter = resolve_adapter(req, served, store)
     prompt = chat_prompt(req, tokenizer)
@@ -35,7 +35,7 @@ async def chat_completions(req: ChatCompletionRequest, engine: EngineDep, store:
     model = adapter or served.name
     if req.stream:
         return sse(_stream(engine, runs, req, rid, model))
-    results = sorted(await generation.collect_all(engine, runs), key=lambda r: r.index)
+    results = sorted(await generation.collect_all(engine, runs, request.is_disconnected), key=lambda r: r.index)
     ids = req.return_token_ids
     choices = [ChatChoice(index=r.index, message=AssistantMessage(content=r.text), finish_reason=r.finish_reason,
                           logprobs=_logprobs(r.logprobs) if req.logprobs else None,

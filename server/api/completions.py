@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from server.api import generation
 from server.api.deps import EngineDep, ServedDep, StoreDep, TokenizerDep
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 @router.post("/v1/completions", response_model=CompletionResponse)
 async def completions(req: CompletionRequest, engine: EngineDep, store: StoreDep, tokenizer: TokenizerDep,
-                      served: ServedDep):
+                      served: ServedDep, request: Request):
     """OpenAI text completion; `stream: true` answers server-sent events ending with `data: [DONE]`."""
     adapter = resolve_adapter(req, served, store)
     prompts = completion_prompts(req, tokenizer)
@@ -31,7 +31,7 @@ async def completions(req: CompletionRequest, engine: EngineDep, store: StoreDep
     model = adapter or served.name
     if req.stream:
         return sse(_stream(engine, runs, req, rid, model))
-    results = sorted(await generation.collect_all(engine, runs), key=lambda r: r.index)
+    results = sorted(await generation.collect_all(engine, runs, request.is_disconnected), key=lambda r: r.index)
     ids = req.return_token_ids
     choices = [CompletionChoice(index=r.index, text=r.text, finish_reason=r.finish_reason,
                                 logprobs=_logprobs(r.logprobs, 0) if req.logprobs is not None else None,

@@ -8,11 +8,13 @@ too long) become 4xx answers instead of a broken 200 stream. A run whose consume
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from server.engine import Engine, GenerationRequest, RequestOutput, SamplingParams, TokenLogprob
-from server.errors import as_api_error
+from server.errors import APIError, as_api_error
+
+DISCONNECT_POLL_S = 0.5
 
 
 @dataclass
@@ -114,10 +116,21 @@ async def collect(run: Run) -> Result:
     return res
 
 
-async def collect_all(engine: Engine, runs: list[Run]) -> list[Result]:
+async def collect_all(engine: Engine, runs: list[Run],
+                      is_disconnected: Callable[[], Awaitable[bool]] | None = None) -> list[Result]:
+    """Every run to its end. A client that hangs up meanwhile gets its runs aborted (checked every
+    DISCONNECT_POLL_S seconds), so an abandoned request does not keep its batch slots."""
+    task = asyncio.ensure_future(asyncio.gather(*(collect(r) for r in runs)))
     try:
-        return list(await asyncio.gather(*(collect(r) for r in runs)))
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return list(task.result())
+            if is_disconnected is not None and await is_disconnected():
+                raise APIError(499, "the client closed the request", code="client_closed_request")
     finally:
+        if not task.done():
+            task.cancel()
         await close(engine, runs)
 
 

@@ -8,6 +8,7 @@ import math
 import os
 import time
 
+import httpx
 import pytest
 import torch
 from safetensors.torch import save
@@ -126,6 +127,18 @@ def test_cancelled_stream_frees_its_slot(client):
             next(line for line in lines if line.startswith("data: "))
         assert _stats(client)["running"] == 1
     # leaving the block closes the connection: the server must abort the request, not finish 1500 tokens
+    deadline = time.monotonic() + 10
+    while _stats(client)["running"] != 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    stats = _stats(client)
+    assert stats["running"] == 0 and stats["aborted_total"] == aborted + 1
+
+
+def test_abandoned_plain_request_is_aborted(client, server):
+    aborted = _stats(client)["aborted_total"]
+    req = {"prompt": PROMPT, "max_tokens": 1500, "temperature": 0, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up long before 1500 tokens
+        httpx.post(server.url + "/v1/completions", json=req, timeout=3)
     deadline = time.monotonic() + 10
     while _stats(client)["running"] != 0 and time.monotonic() < deadline:
         time.sleep(0.1)
