@@ -1,0 +1,73 @@
+"""Print the Markdown tables of docs/benchmarks.md from bench/results/*.json (so the tables are never
+typed by hand): `python bench/report.py [mixed_adapters serve_load adapter_ops]`."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from common import RESULTS_DIR, table
+
+
+def header(data: dict) -> str:
+    m = data["machine"]
+    return (f"`{data['command']}` — {data['date']}; {m['cpu']}, {m['cores']} cores, torch {m['torch']} "
+            f"({m['torch_threads']} threads), load average at start {_load(m)}")
+
+
+def _load(m: dict) -> str:
+    la = m.get("loadavg_at_start")
+    return "–" if not la else f"{la[0]:.1f}"
+
+
+def mixed(data: dict) -> str:
+    rows = sorted(data["rows"], key=lambda r: (r["engine"] != "svdserve", r["batch"], r["method"] != "base",
+                                               r["method"], r["rank"], r["merged"], r["distinct"]))
+    for r in rows:
+        r["× base"] = r["ratio"]
+        r["tok/s"] = r["tok_s"]
+        r["rounds tok/s"] = ", ".join(f"{v:.0f}" for v in r["rounds"])
+    return table(rows, ["config", "tok/s", "× base", "rounds tok/s"], {"× base": 2})
+
+
+def serve(data: dict) -> str:
+    rows = data["rows"]
+    for r in rows:
+        r["tok/s"] = r["tok_s"]
+        r["TTFT p50/p99 ms"] = _pair(r["ttft_p50_ms"], r["ttft_p99_ms"])
+        r["ITL p50/p99 ms"] = _pair(r["itl_p50_ms"], r["itl_p99_ms"])
+    return table(rows, ["config", "clients", "tok/s", "TTFT p50/p99 ms", "ITL p50/p99 ms", "errors"])
+
+
+def _pair(a: float | None, b: float | None) -> str:
+    return "–" if a is None else f"{a:.0f} / {b:.0f}"
+
+
+def ops(data: dict) -> str:
+    rows = data["methods"]
+    for r in rows:
+        r["file KiB"] = r["file_bytes"] / 1024
+        r["resident KiB"] = r["resident_bytes"] / 1024
+        r[f"fit in {data['memory_gb']:g} GiB"] = r["fit_in_memory"]
+    cols = ["method", "rank", "file KiB", "resident KiB", f"fit in {data['memory_gb']:g} GiB", "put_ms", "get_ms",
+            "load_ms", "unload_ms", "merge_ms", "restore_ms", "restore_bit_exact"]
+    digits = {c: 1 for c in cols}
+    return table(rows, cols, digits) + "\n\n" + table(data["cold_load"], ["case", "ttft_ms"])
+
+
+RENDER = {"mixed_adapters": mixed, "serve_load": serve, "adapter_ops": ops}
+
+
+def main(names: list[str]) -> None:
+    for name in names or list(RENDER):
+        path = RESULTS_DIR / f"{name}.json"
+        if not path.exists():
+            print(f"<!-- {path.name}: not measured -->\n")
+            continue
+        data = json.loads(path.read_text())
+        render = RENDER[name.removesuffix("_quick").removesuffix("_bf16").removesuffix("_fp32")]
+        print(f"### {name}\n\n{header(data)}\n\n{render(data)}\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
