@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from server.engine import Engine, GenerationRequest, RequestOutput, SamplingParams, TokenLogprob
-from server.errors import APIError, as_api_error
+from server.errors import APIError, as_api_error, error_body
+from server.protocol import Usage
 
 DISCONNECT_POLL_S = 0.5
 
@@ -69,8 +70,6 @@ async def start(engine: Engine, prompts: list[list[int]], params: SamplingParams
 
 
 def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
-    from dataclasses import replace
-
     return replace(params, seed=seed)
 
 
@@ -170,8 +169,6 @@ async def interleave(runs: list[Run]) -> AsyncIterator[tuple[Run, RequestOutput]
 def usage(counts: dict[int, tuple[int, int]], n: int):
     """Usage from {choice index: (prompt_tokens, completion_tokens)}; a prompt counts once, not per choice,
     as OpenAI counts it."""
-    from server.protocol import Usage
-
     prompt = sum(p for i, (p, _) in counts.items() if i % n == 0)
     completion = sum(c for _, c in counts.values())
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
@@ -179,6 +176,4 @@ def usage(counts: dict[int, tuple[int, int]], n: int):
 
 def stream_error(exc: Exception) -> dict:
     """The event sent when a stream fails after its 200 went out (vLLM sends the same)."""
-    from server.errors import error_body
-
     return error_body(500, f"generation failed: {type(exc).__name__}: {exc}", code="internal_error")
