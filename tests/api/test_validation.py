@@ -152,3 +152,17 @@ def test_metrics_are_prometheus_text(client):
     samples = dict(line.split() for line in text.splitlines() if not line.startswith("#"))
     assert {"svdserve_running", "svdserve_waiting", "svdserve_requests_total"} <= set(samples)
     assert "# TYPE svdserve_requests_total counter" in text and "# TYPE svdserve_running gauge" in text
+
+
+def test_engine_errors_map_to_status_codes():
+    from adapters.file import AdapterFormatError
+    from server.engine import QueueFull
+    from server.errors import as_api_error
+    from server.store import AdapterNotFound, InvalidAdapterId
+
+    cases = [(QueueFull("queue full"), 429), (AdapterNotFound("x"), 404), (InvalidAdapterId("bad"), 400),
+             (AdapterFormatError("shape"), 400), (ValueError("prompt too long"), 400)]
+    for exc, status in cases:
+        assert as_api_error(exc).status == status, exc
+    with pytest.raises(RuntimeError):  # a bug stays a bug (a 500), not a 4xx
+        as_api_error(RuntimeError("boom"))
