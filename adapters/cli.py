@@ -246,9 +246,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 # ---- factors --------------------------------------------------------------------------------------------
 def cache_file(cache_dir: str, base, r_max: int) -> str:
     """Where load_or_build_factors keeps this model's cache (same key and name as adapters.factors)."""
-    from adapters.factors import cache_key
+    from adapters.factors import cache_path
 
-    return os.path.join(cache_dir, f"factors-{cache_key(base.fingerprint, r_max, list(base.targets))}.safetensors")
+    return cache_path(cache_dir, base.fingerprint, r_max, list(base.targets))
 
 
 def _mtime(path: str) -> int | None:

@@ -55,6 +55,11 @@ def cache_key(fingerprint: str, r_max: int, targets: list[str]) -> str:
     return h[:16]
 
 
+def cache_path(cache_dir: str, fingerprint: str, r_max: int, targets: list[str]) -> str:
+    """The cache file of one (weights, r_max, targets) key."""
+    return os.path.join(cache_dir, f"factors-{cache_key(fingerprint, r_max, targets)}.safetensors")
+
+
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for name in sorted(tensors):
@@ -123,7 +128,7 @@ def load_or_build_factors(
     """Factors of every target (float32, CPU), from `cache_dir` when a valid cache exists there."""
     names = list(targets)
     key = cache_key(fingerprint, r_max, names)
-    path = os.path.join(cache_dir, f"factors-{key}.safetensors") if cache_dir else None
+    path = cache_path(cache_dir, fingerprint, r_max, names) if cache_dir else None
     if path:
         cached = _read_cache(path, key, names)
         if cached is not None:
