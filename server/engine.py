@@ -198,7 +198,9 @@ class Engine:
         self._wake.set()
 
     def forget_adapter(self, adapter_id: str) -> None:
-        with self._lock:
+        # the adapter banks are inference tensors (made in the step thread): clearing them needs inference
+        # mode in the caller's thread too
+        with self._lock, torch.inference_mode():
             self.residency.forget(adapter_id)
 
     def stats(self) -> dict[str, float | int]:

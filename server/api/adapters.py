@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
@@ -75,8 +74,5 @@ async def delete_adapter(adapter_id: str, store: StoreDep, engine: EngineDep) ->
         await run_in_threadpool(store.delete, check_id(adapter_id))
     except (KeyError, ValueError) as exc:
         raise as_api_error(exc) from None
-    # the engine's adapter banks are inference tensors (made in its step thread); touching them needs
-    # inference mode in this thread too
-    with torch.inference_mode():
-        engine.forget_adapter(adapter_id)
+    engine.forget_adapter(adapter_id)
     return {"id": adapter_id, "object": "adapter", "deleted": True}
