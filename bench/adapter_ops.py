@@ -52,22 +52,21 @@ def med_ms(fn, repeats: int) -> float:
     return 1000 * statistics.median(times)
 
 
-def resident_bytes(adapted, slot: int) -> int:
-    """Device bytes one resident adapter occupies in `slot`, summed over every layer's bank."""
-    total = 0
-    for layer in adapted.layers.values():
-        for bank in layer.banks.values():
-            total += _slot_bytes(bank, slot, adapted.n_slots)
-    return total
+def resident_bytes(adapted, method: str, slot: int) -> int:
+    """Device bytes one resident adapter of `method` occupies in `slot`, summed over the layers' banks
+    (shared state such as VeRA's projections, paid once per projection, is not counted)."""
+    banks = [layer.banks[method] for layer in adapted.layers.values() if method in layer.banks]
+    return sum(_slot_bytes(bank, slot, adapted.n_slots) for bank in banks)
 
 
 def _slot_bytes(bank, slot: int, n_slots: int) -> int:
     held = getattr(bank, "slots", None)
     if isinstance(held, dict):  # grouped banks (LoRA, SORSA) hold each adapter's own tensors
         return sum(t.numel() * t.element_size() for t in _tensors(held.get(slot)))
-    # stacked banks: every slot costs the same (row `slot` of each [n_slots, ...] tensor)
-    return sum(t.numel() * t.element_size() // n_slots for t in vars(bank).values()
-               if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == n_slots)
+    # stacked banks: every slot costs the same, a 1/n_slots share of each [n_slots, ...] storage
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in vars(bank).values()
+                if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == n_slots}
+    return sum(storages.values()) // n_slots
 
 
 def _tensors(obj) -> list[torch.Tensor]:
@@ -91,16 +90,28 @@ def method_row(adapted, store, method: str, rank: int, args) -> dict:
     get_ms = med_ms(lambda: store.get(aid), args.repeats)
     stored = store.get(aid).adapter
     load_ms = med_ms(lambda: adapted.load(1, stored), args.repeats)
-    res = resident_bytes(adapted, 1)
-    unload_ms = med_ms(lambda: (adapted.load(1, stored), adapted.unload(1)), args.repeats) - load_ms
+    res = resident_bytes(adapted, method, 1)
+    unload_ms = unload_only_ms(adapted, stored, args.repeats)
     pristine = {n: l.weight.detach().clone() for n, l in list(adapted.layers.items())[:3]}
     merge_ms, restore_ms = merge_restore_ms(adapted, stored, args.repeats)
     exact = all(torch.equal(adapted.layers[n].weight, w) for n, w in pristine.items())
     per_gb = int(args.memory_gb * 2**30 // max(res, 1))
     return {"method": method, "rank": rank, "file_bytes": len(data), "resident_bytes": res,
             "fit_in_memory": per_gb, "put_ms": put_ms, "get_ms": get_ms, "load_ms": load_ms,
-            "unload_ms": max(unload_ms, 0.0), "merge_ms": merge_ms, "restore_ms": restore_ms,
+            "unload_ms": unload_ms, "merge_ms": merge_ms, "restore_ms": restore_ms,
             "restore_bit_exact": exact}
+
+
+def unload_only_ms(adapted, adapter, repeats: int) -> float:
+    """Median ms of emptying a slot (what eviction costs before the next adapter is loaded)."""
+    times = []
+    for _ in range(repeats):
+        adapted.load(1, adapter)
+        t0 = time.perf_counter()
+        adapted.unload(1)
+        times.append(time.perf_counter() - t0)
+    adapted.load(1, adapter)
+    return 1000 * statistics.median(times)
 
 
 def merge_restore_ms(adapted, adapter, repeats: int) -> tuple[float, float]:

@@ -1,7 +1,7 @@
 """Engine-level decode throughput with many distinct adapters in one running batch, against the bare base
 model on the same engine and against PEFT's own mixed-batch generate.
 
-    python bench/mixed_adapters.py            # full matrix (about 15 minutes on 2 CPU cores)
+    python bench/mixed_adapters.py            # full matrix (about 12 minutes on 2 CPU cores)
     python bench/mixed_adapters.py --quick    # OSoRA and LoRA at 1 and 32 adapters, PEFT at 32 (< 2 min)
 
 What is timed: the decode step of the engine's model (`server.model.DecoderModel.decode`, the forward the
@@ -100,8 +100,9 @@ class Bench:
         return time.perf_counter() - t0
 
     @torch.inference_mode()
-    def decode(self, prompts: torch.Tensor, case: Case, steps: int, warmup: int) -> float:
-        """Prefill (untimed), then time `steps` greedy decode steps; returns tokens/s."""
+    def decode(self, prompts: torch.Tensor, case: Case, steps: int, warmup: int) -> tuple[float, float]:
+        """Prefill (untimed), then time `steps` greedy decode steps. Returns tokens per second of wall time
+        and per second of this process's CPU time (the latter is far less disturbed by other processes)."""
         B, P = prompts.shape[0], prompts.shape[1]
         if case.merged:
             self.adapted.merge(self.adapted.resident[1])
@@ -113,25 +114,26 @@ class Bench:
             logits = self.model.prefill(prompts, torch.full((B,), P - 1), 0, batch)
             tok = logits.argmax(-1)
             pos = torch.full((B,), P, dtype=torch.long)
-            t0 = 0.0
+            t0 = c0 = 0.0
             for i in range(warmup + steps):
                 if i == warmup:
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                 batch = self.adapted.batch(slots)  # built every step, as the engine's runner does
                 tok = self.model.decode(tok, pos, int(pos.max()) + 1, batch).argmax(-1)
                 pos = pos + 1
-            return B * steps / (time.perf_counter() - t0)
+            return B * steps / (time.perf_counter() - t0), B * steps / (time.process_time() - c0)
         finally:
             self.adapted.unmerge()
 
 
-def svdserve_cases(configs: list[tuple[str, int]], counts: list[int], batch: int, big: int | None) -> list[list[Case]]:
+def svdserve_cases(configs: list[tuple[str, int]], counts: list[int], batch: int, big: int | None,
+                   big_configs: list[tuple[str, int]]) -> list[list[Case]]:
     """Groups of cases that share one set of loaded adapters; each group is measured next to the base."""
     groups = []
     for method, rank in configs:
         g = [Case(method, rank, n, batch) for n in counts if n <= batch]
         g.append(Case(method, rank, 1, batch, merged=True))
-        if big:
+        if big and (method, rank) in big_configs:
             g.append(Case(method, rank, big, big))
         groups.append(g)
     return groups
@@ -141,7 +143,14 @@ def run_svdserve(args, prompts: dict[int, torch.Tensor], groups: list[list[Case]
     max_batch = max(p.shape[0] for p in prompts.values())
     max_n = max(c.distinct for g in groups for c in g)
     bench = Bench(args, max_batch, n_slots=max_n + 1)
-    samples: dict[Case, list[tuple[float, float]]] = {}  # case -> [(tok/s, base tok/s of that round)]
+    samples: dict[Case, list[tuple]] = {}  # case -> [((tok/s, cpu tok/s), (base tok/s, base cpu tok/s))]
+    # An untimed pass over every case first: the first decode at a batch size or of a method is many times
+    # slower (first touch of the KV cache and banks, kernel selection) and would poison round 1's ratios.
+    for group in groups:
+        c0 = group[0]
+        bench.load(c0.method, c0.rank, max(c.distinct for c in group))
+        for case in [Case(None, 0, 0, b) for b in sorted({c.batch for c in group})] + group:
+            bench.decode(prompts[case.batch], case, 2, 1)
     for rnd in range(args.rounds):
         for group in groups:
             c0 = group[0]
@@ -154,16 +163,19 @@ def run_svdserve(args, prompts: dict[int, torch.Tensor], groups: list[list[Case]
             for case in group:
                 v = bench.decode(prompts[case.batch], case, args.steps, args.warmup)
                 samples.setdefault(case, []).append((v, base[case.batch]))
-                print(f"  {case.label:45s} {v:8.1f} tok/s  ({v / base[case.batch]:.2f}× base)", flush=True)
+                b = base[case.batch]
+                print(f"  {case.label:45s} {v[0]:8.1f} tok/s  ({v[0] / b[0]:.2f}× base; CPU time "
+                      f"{v[1] / b[1]:.2f}×)", flush=True)
             gc.collect()
     return [summarise(case, s) for case, s in samples.items()]
 
 
-def summarise(case: Case, s: list[tuple[float, float]]) -> dict:
+def summarise(case: Case, s: list[tuple]) -> dict:
     return {"engine": "svdserve", "config": case.label, "method": case.method or "base", "rank": case.rank,
             "distinct": case.distinct, "batch": case.batch, "merged": case.merged,
-            "tok_s": statistics.median(v for v, _ in s), "base_tok_s": statistics.median(b for _, b in s),
-            "ratio": statistics.median(v / b for v, b in s), "rounds": [v for v, _ in s]}
+            "tok_s": statistics.median(v[0] for v, _ in s), "base_tok_s": statistics.median(b[0] for _, b in s),
+            "ratio": statistics.median(v[0] / b[0] for v, b in s),
+            "cpu_ratio": statistics.median(v[1] / b[1] for v, b in s), "rounds": [v[0] for v, _ in s]}
 
 
 # ---- PEFT ------------------------------------------------------------------------------------------
@@ -173,28 +185,32 @@ def run_peft(args, prompts: torch.Tensor, counts: list[int]) -> list[dict]:
     B = prompts.shape[0]
     counts = [n for n in counts if n <= B]
     pb = PeftBaseline(args.model, max(counts), rank=16, dtype=getattr(torch, args.dtype))
-    samples: dict[int, list[tuple[float, float]]] = {}
+    samples: dict[int, list[tuple]] = {}
+    pb.decode_plain(prompts, 2)  # untimed warm-up, as for svdserve
+    pb.decode(prompts, 2, max(counts))
     for rnd in range(args.rounds):
         base = _tok_s(B, pb.decode_plain(prompts, args.peft_steps))
         samples.setdefault(0, []).append((base, base))
-        print(f"round {rnd + 1}: transformers generate (base, B={B}) {base:8.1f} tok/s", flush=True)
+        print(f"round {rnd + 1}: transformers generate (base, B={B}) {base[0]:8.1f} tok/s", flush=True)
         for n in counts:
             v = _tok_s(B, pb.decode(prompts, args.peft_steps, n))
             samples.setdefault(n, []).append((v, base))
-            print(f"  PEFT LoRA r=16, {n} distinct (B={B}) {v:8.1f} tok/s  ({v / base:.2f}× base)", flush=True)
+            print(f"  PEFT LoRA r=16, {n} distinct (B={B}) {v[0]:8.1f} tok/s  ({v[0] / base[0]:.2f}× base; "
+                  f"CPU time {v[1] / base[1]:.2f}×)", flush=True)
     rows = []
     for n, s in samples.items():
         label = f"transformers generate, base (B={B})" if n == 0 else f"PEFT LoRA r=16, {n} distinct (B={B})"
         rows.append({"engine": "peft" if n else "transformers", "config": label, "method": "lora" if n else "base",
                      "rank": 16 if n else 0, "distinct": n, "batch": B, "merged": False,
-                     "tok_s": statistics.median(v for v, _ in s), "base_tok_s": statistics.median(b for _, b in s),
-                     "ratio": statistics.median(v / b for v, b in s), "rounds": [v for v, _ in s]})
+                     "tok_s": statistics.median(v[0] for v, _ in s), "base_tok_s": statistics.median(b[0] for _, b in s),
+                     "ratio": statistics.median(v[0] / b[0] for v, b in s),
+                     "cpu_ratio": statistics.median(v[1] / b[1] for v, b in s), "rounds": [v[0] for v, _ in s]})
     return rows
 
 
-def _tok_s(batch: int, steps_seconds: tuple[int, float]) -> float:
-    steps, seconds = steps_seconds
-    return batch * steps / seconds
+def _tok_s(batch: int, steps_seconds: tuple[int, float, float]) -> tuple[float, float]:
+    steps, wall, cpu = steps_seconds
+    return batch * steps / wall, batch * steps / cpu
 
 
 # ---- main ------------------------------------------------------------------------------------------
@@ -209,8 +225,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--counts", default="1,8,32", help="distinct adapters in the batch")
     p.add_argument("--big", type=int, default=128, help="also run this many distinct adapters at batch = that (0: off)")
     p.add_argument("--configs", default=DEFAULT_CONFIGS, help="method:rank,... measured unmerged and merged")
+    p.add_argument("--big-configs", default="osora:16,loraxs:16,vera:16", help="the configs also run at --big")
     p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--steps", type=int, default=24, help="timed decode steps per measurement")
+    p.add_argument("--steps", type=int, default=16, help="timed decode steps per measurement")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--peft-steps", type=int, default=12)
@@ -232,14 +249,15 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     counts = [int(n) for n in args.counts.split(",")]
-    groups = svdserve_cases(parse_configs(args.configs), counts, args.batch, args.big or None)
+    groups = svdserve_cases(parse_configs(args.configs), counts, args.batch, args.big or None,
+                            parse_configs(args.big_configs))
     tok = _tokenizer(args.model)
     prompts = {b: make_prompts(tok, b, args.prompt_len) for b in {args.batch} | ({args.big} if args.big else set())}
     rows = run_svdserve(args, prompts, groups)
     if not args.no_peft:
         rows += run_peft(args, prompts[args.batch], [int(n) for n in args.peft_counts.split(",")])
     print()
-    print(table(rows, ["config", "tok_s", "ratio"], {"ratio": 2}))
+    print(table(rows, ["config", "tok_s", "ratio", "cpu_ratio"], {"ratio": 2, "cpu_ratio": 2}))
     write_results(args.name, {"dtype": args.dtype, "steps": args.steps, "rounds": args.rounds,
                               "prompt_len": args.prompt_len, "seconds": time.perf_counter() - t_start,
                               "rows": rows})

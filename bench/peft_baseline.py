@@ -22,15 +22,16 @@ class StepClock:
     """A logits processor that records the time of every decode step (it changes nothing)."""
 
     def __init__(self) -> None:
-        self.stamps: list[float] = []
+        self.stamps: list[tuple[float, float]] = []  # (wall, process CPU) time
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        self.stamps.append(time.perf_counter())
+        self.stamps.append((time.perf_counter(), time.process_time()))
         return scores
 
-    def decode_seconds(self) -> tuple[int, float]:
-        """(decode steps, seconds) between the first sampled token (end of prefill) and the last."""
-        return len(self.stamps) - 1, self.stamps[-1] - self.stamps[0]
+    def decode_seconds(self) -> tuple[int, float, float]:
+        """(decode steps, wall seconds, CPU seconds) from the first sampled token (end of prefill) to the last."""
+        (w0, c0), (w1, c1) = self.stamps[0], self.stamps[-1]
+        return len(self.stamps) - 1, w1 - w0, c1 - c0
 
 
 class PeftBaseline:
@@ -53,21 +54,21 @@ class PeftBaseline:
         self.n_adapters = n_adapters
 
     @torch.inference_mode()
-    def decode_plain(self, prompts: torch.Tensor, steps: int) -> tuple[int, float]:
-        """The base model alone with transformers' generate; returns (decode steps, seconds)."""
+    def decode_plain(self, prompts: torch.Tensor, steps: int) -> tuple[int, float, float]:
+        """The base model alone with transformers' generate; returns (decode steps, wall s, CPU s)."""
         return self._generate(self.plain, prompts, steps)
 
     @torch.inference_mode()
-    def decode(self, prompts: torch.Tensor, steps: int, n_distinct: int) -> tuple[int, float]:
+    def decode(self, prompts: torch.Tensor, steps: int, n_distinct: int) -> tuple[int, float, float]:
         """Greedy-decode `steps` tokens for every prompt row; rows cycle over n_distinct adapters
-        (0 = the base model, with the adapters disabled). Returns (decode steps, seconds)."""
+        (0 = the base model, with the adapters disabled). Returns (decode steps, wall s, CPU s)."""
         if n_distinct == 0:
             with self.model.disable_adapter():
                 return self._generate(self.model, prompts, steps)
         names = [f"a{i % n_distinct}" for i in range(prompts.shape[0])]
         return self._generate(self.model, prompts, steps, adapter_names=names)
 
-    def _generate(self, model, prompts: torch.Tensor, steps: int, **extra) -> tuple[int, float]:
+    def _generate(self, model, prompts: torch.Tensor, steps: int, **extra) -> tuple[int, float, float]:
         from transformers import LogitsProcessorList
 
         clock = StepClock()

@@ -1,7 +1,9 @@
 """The throughput plot of docs/benchmarks.md: decode tokens/s against distinct adapters in a batch,
 svdserve (each method, unmerged) vs PEFT's mixed-batch LoRA, from bench/results/mixed_adapters.json.
 
-    python bench/plot.py [bench/results/mixed_adapters.json] [docs/throughput.png]
+    python bench/plot.py [docs/throughput.png [results.json ...]]
+
+Several results files combine, a later file's row replacing the same configuration of an earlier one.
 """
 
 from __future__ import annotations
@@ -52,8 +54,28 @@ def throughput_plot(rows: list[dict], out: str | Path, machine: dict) -> None:
     print(f"plot written to {out}")
 
 
+def combined(paths: list[Path]) -> tuple[list[dict], list[dict]]:
+    """Rows of several mixed_adapters results files, a later file's row replacing an earlier row of the same
+    configuration (a re-measurement); also returns each file's header data."""
+    rows: dict[str, dict] = {}
+    heads = []
+    for path in paths:
+        data = json.loads(path.read_text())
+        heads.append(data)
+        for r in data["rows"]:
+            rows[r["config"]] = {**r, "source": path.name}
+    return list(rows.values()), heads
+
+
+def default_sources() -> list[Path]:
+    """bench/results/mixed_adapters.json, then any mixed_adapters_<re-measurement>.json (not _quick)."""
+    res = ROOT / "bench/results"
+    extra = sorted(p for p in res.glob("mixed_adapters_*.json") if not p.stem.endswith("quick"))
+    return [res / "mixed_adapters.json", *extra]
+
+
 if __name__ == "__main__":
-    src = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "bench/results/mixed_adapters.json"
-    dst = Path(sys.argv[2]) if len(sys.argv) > 2 else ROOT / "docs/throughput.png"
-    data = json.loads(src.read_text())
-    throughput_plot(data["rows"], dst, data["machine"])
+    dst = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "docs/throughput.png"
+    srcs = [Path(p) for p in sys.argv[2:]] or default_sources()
+    rows, heads = combined(srcs)
+    throughput_plot(rows, dst, heads[0]["machine"])

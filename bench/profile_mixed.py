@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     for case in (Case(None, 0, 0, args.batch), Case(args.method, args.rank, args.distinct, args.batch)):
         bench.decode(prompts, case, 2, 1)  # warm up
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            tok_s = bench.decode(prompts, case, args.steps, 0)
+            tok_s, _ = bench.decode(prompts, case, args.steps, 0)
         events = prof.key_averages()
         calls = sum(e.count for e in events if not e.key.startswith("Profiler"))
         print(f"\n=== {case.label}: {tok_s:.1f} tok/s under the profiler, "

@@ -26,8 +26,11 @@ def mixed(data: dict) -> str:
     for r in rows:
         r["× base"] = r["ratio"]
         r["tok/s"] = r["tok_s"]
+        r["× base (CPU time)"] = r.get("cpu_ratio")
         r["rounds tok/s"] = ", ".join(f"{v:.0f}" for v in r["rounds"])
-    return table(rows, ["config", "tok/s", "× base", "rounds tok/s"], {"× base": 2})
+        r["run"] = "re-run" if r.get("source", "mixed_adapters.json") != "mixed_adapters.json" else ""
+    return table(rows, ["config", "tok/s", "× base", "× base (CPU time)", "rounds tok/s", "run"],
+                 {"× base": 2, "× base (CPU time)": 2})
 
 
 def serve(data: dict) -> str:
@@ -59,7 +62,30 @@ RENDER = {"mixed_adapters": mixed, "serve_load": serve, "adapter_ops": ops}
 
 
 def main(names: list[str]) -> None:
-    for name in names or list(RENDER):
+    from plot import combined, default_sources
+
+    if not names or "mixed_adapters" in names:
+        srcs = [p for p in default_sources() if p.exists()]
+        if srcs:
+            rows, heads = combined(srcs)
+            print("### mixed_adapters\n")
+            for h in heads:
+                print(f"- {header(h)}")
+            print("\n" + mixed({"rows": rows}) + "\n")
+        names = [n for n in names or list(RENDER) if n != "mixed_adapters"]
+    if "serve_load" in names:
+        srcs = [RESULTS_DIR / "serve_load.json", *sorted(RESULTS_DIR.glob("serve_load_*.json"))]
+        srcs = [p for p in srcs if p.exists() and not p.stem.endswith("quick")]
+        if srcs:
+            rows: dict[tuple, dict] = {}
+            print("### serve_load\n")
+            for p in srcs:  # a later file's cell replaces the same cell of an earlier one (a re-measurement)
+                data = json.loads(p.read_text())
+                print(f"- {header(data)}")
+                rows.update({(r["config"], r["clients"]): r for r in data["rows"]})
+            print("\n" + serve({"rows": list(rows.values())}) + "\n")
+        names.remove("serve_load")
+    for name in names:
         path = RESULTS_DIR / f"{name}.json"
         if not path.exists():
             print(f"<!-- {path.name}: not measured -->\n")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -49,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache-dir", default=None, help="svdserve factor cache directory")
     p.add_argument("--server-args", default="", help="extra options for python -m server")
     p.add_argument("--url", default=None, help="use this running svdserve instead of starting one")
+    p.add_argument("--no-svdserve", action="store_true", help="measure the baselines only")
     p.add_argument("--llama-server", default=None, help="path of llama.cpp's llama-server binary")
     p.add_argument("--llama-convert", default=None, help="path of convert_lora_to_gguf.py (default: found near the binary)")
     p.add_argument("--llama-loras", default="1,32", help="K values for llama-server's LoRAs")
@@ -152,13 +154,14 @@ def run_llama(args, clients: list[int], work: Path) -> list[dict]:
     if ks and not convert:
         print("  convert_lora_to_gguf.py not found (--llama-convert): llama-server runs the base model only")
     gguf = args.model or default_model_path()
-    port = servers.free_port()
     ctx = 64 + args.max_tokens + 32
     rows = []
-    with servers.llama_server(args.llama_server, gguf, port, 32, ctx, loras, work / "logs", args.threads):
-        url = f"http://127.0.0.1:{port}"
-        for k in [0] + (ks if loras else []):
-            body = (lambda i: {"ignore_eos": True, "lora": []}) if k == 0 else \
+    # the base model on a server without LoRAs (a loaded LoRA at scale 0 still costs), then K LoRAs
+    for k in [0] + (ks if loras else []):
+        port = servers.free_port()
+        with servers.llama_server(args.llama_server, gguf, port, 32, ctx, loras[:k], work / "logs", args.threads):
+            url = f"http://127.0.0.1:{port}"
+            body = (lambda i: {"ignore_eos": True}) if k == 0 else \
                    (lambda i, k=k: {"ignore_eos": True, "lora": [{"id": i % k, "scale": 1.0}]})
             warm(url, body)
             label = "llama-server base model" if k == 0 else f"llama-server LoRA r=16, K={k}"
@@ -178,6 +181,16 @@ def run_transformers(args, clients: list[int], work: Path) -> list[dict]:
         return measure(url, clients, args, body, "transformers serve base model", "transformers", 0)
 
 
+def baseline(fn, name: str, failures: dict[str, str], *a) -> list[dict]:
+    """Run one baseline server; a baseline that cannot start is reported, not fatal to svdserve's figures."""
+    try:
+        return fn(*a)
+    except (RuntimeError, TimeoutError, OSError, subprocess.CalledProcessError) as exc:
+        failures[name] = f"{type(exc).__name__}: {str(exc)[:500]}"
+        print(f"  {name} failed: {failures[name]}")
+        return []
+
+
 # ---- main ------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
@@ -186,29 +199,33 @@ def main(argv: list[str] | None = None) -> None:
     clients = ints(args.clients)
     t_start = time.perf_counter()
     rows: list[dict] = []
-    print("svdserve", flush=True)
-    if args.url:
+    svd_rows, uploads = [], {}
+    if args.no_svdserve:
+        pass
+    elif args.url:
         svd_rows, uploads = run_svdserve(args.url, args, clients)
     else:
+        print("svdserve", flush=True)
         port = servers.free_port()
         extra = (["--cache-dir", args.cache_dir] if args.cache_dir else []) + args.server_args.split()
         with tempfile.TemporaryDirectory(prefix="svdserve-store-") as store, \
                 servers.svdserve(port, Path(store), work / "logs", extra):
             svd_rows, uploads = run_svdserve(f"http://127.0.0.1:{port}", args, clients)
     rows += svd_rows
+    failures: dict[str, str] = {}
     if args.llama_server:
         print("llama-server", flush=True)
-        rows += run_llama(args, clients, work)
+        rows += baseline(run_llama, "llama-server", failures, args, clients, work)
     else:
         print("llama-server: skipped (pass --llama-server PATH; docs/benchmarks.md says how to build it)")
     if args.transformers_serve:
         print("transformers serve", flush=True)
-        rows += run_transformers(args, clients, work)
+        rows += baseline(run_transformers, "transformers serve", failures, args, clients, work)
     print()
     print(table(rows, ["config", "clients", "tok_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "errors"],
                 {"ttft_p50_ms": 0, "ttft_p99_ms": 0, "itl_p50_ms": 0, "itl_p99_ms": 0}))
     write_results(args.name, {"max_tokens": args.max_tokens, "requests_per_client": args.requests_per_client,
-                              "uploads": uploads, "seconds": time.perf_counter() - t_start, "rows": rows})
+                              "uploads": uploads, "baseline_failures": failures, "seconds": time.perf_counter() - t_start, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -67,10 +67,8 @@ def llama_server(binary: str, gguf: str, port: int, slots: int, ctx_per_slot: in
            "-c", str(slots * ctx_per_slot), "--no-webui"]
     if threads:
         cmd += ["-t", str(threads)]
-    for path in loras:
-        cmd += ["--lora", str(path)]
-    if loras:
-        cmd += ["--lora-init-without-apply"]
+    if loras:  # one comma-separated --lora (a repeated --lora keeps only the last)
+        cmd += ["--lora", ",".join(str(p) for p in loras), "--lora-init-without-apply"]
     return running(cmd, f"http://127.0.0.1:{port}/health", log_dir / "llama-server.log")
 
 
