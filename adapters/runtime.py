@@ -23,6 +23,7 @@ from torch import nn
 from adapters.base_model import BaseModel
 from adapters.factors import LayerFactors
 from adapters.file import Adapter, BaseSpec
+from adapters.fused import FusedLinear, input_groups
 from adapters.methods import AdapterBatch, Bank, get_method
 
 
@@ -37,6 +38,7 @@ class AdaptedLinear(nn.Linear):
         self.U, self.S, self.V = factors.U, factors.S, factors.V  # on device, serving dtype
         self.banks: dict[str, Bank] = {}
         self.active: AdapterBatch | None = None  # set only inside AdaptedModel.use()
+        self.fused = None  # the FusedLinear serving this layer with its input-sharing siblings
 
     def bank(self, method: str, n_slots: int) -> Bank:
         if method not in self.banks:
@@ -83,6 +85,24 @@ class AdaptedModel:
         self.resident: list[Adapter | None] = [None] * n_slots
         self.merged: Adapter | None = None
         self._pristine: dict[str, torch.Tensor] | None = None
+        self.fused = self._fuse()
+        self._version = 0  # bumped whenever what a slot serves changes (load, unload, merge)
+        self._last_batch: tuple[tuple, AdapterBatch] | None = None
+
+    def _fuse(self) -> list[FusedLinear]:
+        """Group the target layers by shared input (adapters/fused.py) and give them the slot table."""
+        groups, width = [], 0
+        for names in input_groups(list(self.layers)):
+            members = [self.layers[n] for n in names]
+            if len({(m.in_features, m.V.shape[1]) for m in members}) != 1:
+                members = members[:1]  # cannot share a matmul; the others stay unfused
+            g = FusedLinear(members, width)
+            groups.append(g)
+            width += g.width
+        self.table = torch.zeros(self.n_slots, width, dtype=self.dtype, device=self.device)
+        for g in groups:
+            g.attach_table(self.table)
+        return groups
 
     # ---- slots -------------------------------------------------------------------------------------
     def load(self, slot: int, adapter: Adapter) -> None:
@@ -90,6 +110,7 @@ class AdaptedModel:
         if not 0 < slot < self.n_slots:
             raise ValueError(f"slot {slot} out of range 1..{self.n_slots - 1}")
         self.unload(slot)
+        self._version += 1
         method = get_method(adapter.method)
         glob = {n: t.float() for n, t in adapter.glob.items()}
         for name, layer in self.layers.items():
@@ -103,13 +124,23 @@ class AdaptedModel:
         old = self.resident[slot]
         if old is None:
             return
+        self._version += 1
         for layer in self.layers.values():
             if old.method in layer.banks:
                 layer.banks[old.method].clear(slot)
         self.resident[slot] = None
 
     def batch(self, slots: list[int]) -> AdapterBatch:
-        """The per-step batch object for rows using `slots` (0 = base model)."""
+        """The per-step batch object for rows using `slots` (0 = base model). Decode steps mostly repeat
+        the previous step's slots: then the previous object (and its gathered table rows) is reused."""
+        key = (tuple(slots), self._version)
+        if self._last_batch is not None and self._last_batch[0] == key:
+            return self._last_batch[1]
+        batch = self._build_batch(list(slots))
+        self._last_batch = (key, batch)
+        return batch
+
+    def _build_batch(self, slots: list[int]) -> AdapterBatch:
         if self.merged is not None:
             if any(self.resident[s] is not self.merged for s in slots):
                 raise RuntimeError("a merged model can only serve rows of the merged adapter")
@@ -133,7 +164,8 @@ class AdaptedModel:
         return AdapterBatch(
             slots=t, methods=tuple(methods), rank=rank,
             groups={m: [(k, torch.tensor(rows, dtype=torch.long, device=self.device)) for k, rows in g.items()]
-                    for m, g in groups.items()})
+                    for m, g in groups.items()},
+            table=self.table.index_select(0, t) if "osora" in methods else None)
 
     def _vera_key(self, slot: int) -> str:
         for layer in self.layers.values():
@@ -160,6 +192,7 @@ class AdaptedModel:
         if self.merged is adapter:
             return
         self.unmerge()
+        self._version += 1
         if self._pristine is None:
             self._pristine = {n: l.weight.detach().to("cpu", copy=True) for n, l in self.layers.items()}
         method = get_method(adapter.method)
@@ -177,6 +210,7 @@ class AdaptedModel:
         """Copy the pristine weights back (bit-exact)."""
         if self.merged is None:
             return
+        self._version += 1
         for name in self.merged.layers:
             self.layers[name].weight.copy_(self._pristine[name])
         self.merged = None

@@ -71,9 +71,25 @@ def heads(x: torch.Tensor, n: int, hd: int) -> torch.Tensor:
     return x.view(x.shape[0], x.shape[1], n, hd).transpose(1, 2)
 
 
+def fused_group(*mods: nn.Module):
+    """The FusedLinear (adapters/fused.py) serving exactly `mods`, in order, or None."""
+    g = getattr(mods[0], "fused", None)
+    return g if g is not None and g.members == list(mods) else None
+
+
+def project(mods: tuple[nn.Module, ...], x: torch.Tensor, batch: AdapterBatch | None) -> list[torch.Tensor]:
+    """The outputs of projections `mods` that all read x: one fused matmul when they form a group."""
+    g = fused_group(*mods)
+    if g is None:
+        return [m(x, batch) for m in mods]
+    y = g(x, batch)
+    return list(y.split(g.sizes, dim=-1)) if len(mods) > 1 else [y]
+
+
 def mlp(m: nn.Module, x: torch.Tensor, batch: AdapterBatch | None) -> torch.Tensor:
     # x: [B, T, D] -> [B, T, D]
-    return m.down_proj(m.act_fn(m.gate_proj(x, batch)) * m.up_proj(x, batch), batch)
+    gate, up = project((m.gate_proj, m.up_proj), x, batch)
+    return project((m.down_proj,), m.act_fn(gate) * up, batch)[0]
 
 
 class DecoderModel:
@@ -97,15 +113,14 @@ class DecoderModel:
 
     def qkv(self, a: nn.Module, x: torch.Tensor, cos, sin, batch) -> tuple[torch.Tensor, ...]:
         # x: [B, T, D] -> q: [B, H, T, hd], k, v: [B, KV, T, hd] (rotary applied to q, k)
-        q = heads(a.q_proj(x, batch), self.n_heads, self.head_dim)
-        k = heads(a.k_proj(x, batch), self.n_kv, self.head_dim)
-        v = heads(a.v_proj(x, batch), self.n_kv, self.head_dim)
+        q, k, v = project((a.q_proj, a.k_proj, a.v_proj), x, batch)
+        q, k, v = heads(q, self.n_heads, self.head_dim), heads(k, self.n_kv, self.head_dim), heads(v, self.n_kv, self.head_dim)
         return rotate(q, cos, sin), rotate(k, cos, sin), v
 
     def out(self, a: nn.Module, o: torch.Tensor, batch) -> torch.Tensor:
         # o: [B, H, T, hd] -> [B, T, D]
         B, _, T, _ = o.shape
-        return a.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim), batch)
+        return project((a.o_proj,), o.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim), batch)[0]
 
     def prefill(self, tokens: torch.Tensor, last: torch.Tensor, row0: int,
                 batch: AdapterBatch | None) -> torch.Tensor:

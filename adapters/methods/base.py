@@ -36,6 +36,9 @@ class AdapterBatch:
     # method -> [(group key, row indices [n] long)] for methods applied group by group: the key is the
     # slot for LoRA and SORSA, the projection id for VeRA
     groups: dict[str, list[tuple[int | str, torch.Tensor]]] = field(default_factory=dict)
+    # this batch's rows of the model's OSoRA slot table [B, P] (adapters/fused.py), gathered once per
+    # batch for every fused layer; None when no row uses OSoRA
+    table: torch.Tensor | None = None
 
     @property
     def empty(self) -> bool:

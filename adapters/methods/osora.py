@@ -22,6 +22,13 @@ class OSoRABank(Bank):
         self.c = torch.zeros(n_slots, r_max, dtype=dtype, device=device)  # S' − S_r
         self.o = torch.zeros(n_slots, d, dtype=dtype, device=device)  # O − 1
 
+    @classmethod
+    def from_views(cls, a: torch.Tensor, c: torch.Tensor, o: torch.Tensor) -> "OSoRABank":
+        """A bank over existing storage (views into a fused group's slot table, adapters/fused.py)."""
+        bank = cls.__new__(cls)
+        bank.a, bank.c, bank.o = a, c, o
+        return bank
+
     def load(self, slot, p, f, rank, scale, glob):
         s_new = p["osora_S"].float()
         self.clear(slot)

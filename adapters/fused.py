@@ -1,0 +1,144 @@
+"""Fused serving of adapted projections that read the same input (q/k/v; gate/up; or one layer alone).
+
+Per decoder layer the unfused mixed path costs ~12 small operators per projection (a Vᵀx matmul, three
+per-row gathers, a cat, a U matmul, elementwise ops), 210 projections a step on SmolLM2: the operators'
+fixed costs, not their arithmetic, were what separated 32 distinct OSoRA adapters from the base model.
+A `FusedLinear` serves its n member projections (out sizes d_j, D = Σ d_j) with
+
+    e = x · W_extᵀ,   W_ext = [W0_1; …; W0_n; Vᵀ rows]       one matmul gives W0·x and z = Vᵀx
+    y, z = e[..., :D], e[..., D:]
+    Q = (z ⊙ [c; a]) · Ublkᵀ                                  one matmul: U(c ⊙ z) and U(a ⊙ z), all members
+    y += Q_c + o ⊙ Q_a                                        (OSoRA: c = S' − S_r, a = S', o = O − 1)
+
+Component-major layout: row D + i·n + j of W_ext is member j's i-th right singular vector, and row i·n + j
+of Ublkᵀ holds its left one in member j's output columns (zeros elsewhere), so the first n·r rows of each
+are exactly the rank-r factors of every member — a batch of rank r slices a contiguous prefix. The members'
+`weight` (and `bias`) become views into W_ext, and their `U`/`V` views into the fused factors, so nothing
+is stored twice and merging into a member's weight merges into the fused one.
+
+OSoRA's per-slot vectors of every fused group live in one table [n_slots, P] (the members' OSoRA banks are
+views into it); a batch gathers its rows from it once (`AdapterBatch.table`), not once per layer. The
+other methods take the members' own banks with views of the fused z, as `AdaptedLinear` does.
+
+With no adapter in the batch the forward is `x · W0ᵀ` over the first D rows: exactly the base model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from adapters.methods.base import AdapterBatch
+from adapters.methods.osora import OSoRABank
+
+# siblings (same parent module) that read the same input in Llama-family decoders
+SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def input_groups(names: list[str]) -> list[list[str]]:
+    """Target layer names grouped by shared input: q/k/v and gate/up of one parent, the rest alone."""
+    by_name = set(names)
+    groups, taken = [], set()
+    for name in names:
+        if name in taken:
+            continue
+        parent, _, child = name.rpartition(".")
+        group = [name]
+        for siblings in SHARED_INPUT:
+            if child in siblings:
+                full = [f"{parent}.{s}" if parent else s for s in siblings]
+                group = [n for n in full if n in by_name]
+                break
+        groups.append(group)
+        taken.update(group)
+    return groups
+
+
+class FusedLinear:
+    """Serves the `members` (AdaptedLinear, same in_features, same input) as one matmul plus one OSoRA
+    update. `table` is the model's OSoRA slot table; this group owns columns [offset, offset + width)."""
+
+    def __init__(self, members: list, table_width_offset: int):
+        self.members = list(members)
+        first = self.members[0]
+        self.n = n = len(self.members)
+        self.R = R = first.V.shape[1]
+        self.k = k = first.in_features
+        self.sizes = [m.out_features for m in self.members]
+        self.D = D = sum(self.sizes)
+        w = first.weight
+        device, dtype = w.device, w.dtype
+        # W_ext: members' W0 rows, then the component-major Vᵀ rows
+        self.weight = torch.empty(D + R * n, k, device=device, dtype=dtype)
+        self.ublk_t = torch.zeros(R * n, D, device=device, dtype=dtype)
+        vt = self.weight[D:].view(R, n, k)
+        ub = self.ublk_t.view(R, n, D)
+        has_bias = any(m.bias is not None for m in self.members)
+        self.bias = torch.zeros(D + R * n, device=device, dtype=dtype) if has_bias else None
+        s = 0
+        for j, m in enumerate(self.members):
+            e = s + m.out_features
+            with torch.no_grad():
+                self.weight[s:e].copy_(m.weight)
+                vt[:, j].copy_(m.V.T)
+                ub[:, j, s:e].copy_(m.U.T)
+                m.weight.data = self.weight[s:e]
+                if m.bias is not None:
+                    self.bias[s:e].copy_(m.bias)
+                    m.bias.data = self.bias[s:e]
+            m.V = vt[:, j].T  # [k, R] view
+            m.U = ub[:, j, s:e].T  # [d_j, R] view
+            m.fused = self
+            s = e
+        self.offset = table_width_offset
+        self.width = 2 * R * n + D  # table columns: c (R·n), a (R·n), o (D)
+
+    def attach_table(self, table: torch.Tensor) -> None:
+        """Give each member an OSoRA bank whose tensors are views into this group's table columns."""
+        R, n, off = self.R, self.n, self.offset
+        c_all = table[:, off: off + R * n].view(-1, R, n)
+        a_all = table[:, off + R * n: off + 2 * R * n].view(-1, R, n)
+        s = 0
+        for j, m in enumerate(self.members):
+            e = s + m.out_features
+            o = table[:, off + 2 * R * n + s: off + 2 * R * n + e]
+            m.banks["osora"] = OSoRABank.from_views(a=a_all[:, :, j], c=c_all[:, :, j], o=o)
+            s = e
+
+    def __call__(self, x: torch.Tensor, batch: AdapterBatch | None) -> torch.Tensor:
+        """x: [B, T, k] or [B, k] -> [B, T, D] (members' outputs side by side, in member order)."""
+        D, n = self.D, self.n
+        if batch is None or batch.empty or not batch.rank:
+            y = F.linear(x, self.weight[:D], None if self.bias is None else self.bias[:D])
+            z = None
+        else:
+            rows = D + n * batch.rank
+            e = F.linear(x, self.weight[:rows], None if self.bias is None else self.bias[:rows])
+            y, z = e[..., :D], e[..., D:]  # z[..., i·n + j] = member j's component i of Vᵀx
+        if batch is None or batch.empty:
+            return y
+        for method in batch.methods:
+            if method == "osora" and batch.table is not None:
+                self._osora(y, z, batch)
+                continue
+            s = 0
+            for j, m in enumerate(self.members):
+                e_ = s + m.out_features
+                bank = m.banks.get(method)
+                if bank is not None:
+                    zj = None if z is None else z[..., j::n]
+                    uj = None if z is None else m.U[:, : batch.rank]
+                    y[..., s:e_] += bank.delta(x, zj, uj, batch)
+                s = e_
+        return y
+
+    def _osora(self, y: torch.Tensor, z: torch.Tensor, batch: AdapterBatch) -> None:
+        R, n, D, off = self.R, self.n, self.D, self.offset
+        rn = n * batch.rank
+        B = y.shape[0]
+        ones = [1] * (y.dim() - 2)
+        t = batch.table  # [B, P]: this batch's rows of the slot table
+        ca = t[:, off: off + 2 * R * n].view(B, 2, R * n)[:, :, :rn].view(B, *ones, 2, rn)
+        o = t[:, off + 2 * R * n: off + 2 * R * n + D].view(B, *ones, D)
+        q = (z.unsqueeze(-2) * ca) @ self.ublk_t[:rn]  # [B, (T,) 2, D]
+        y.add_(q[..., 0, :]).addcmul_(o, q[..., 1, :])
