@@ -92,6 +92,8 @@ class FusedLinear:
             s = e
         self.offset = table_width_offset
         self.width = 2 * R * n + D  # table columns: c (R·n), a (R·n), o (D)
+        self._row_views: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._ublk_views: dict[int, torch.Tensor] = {}
 
     def attach_table(self, table: torch.Tensor) -> None:
         """Give each member an OSoRA bank whose tensors are views into this group's table columns."""
@@ -108,12 +110,12 @@ class FusedLinear:
     def __call__(self, x: torch.Tensor, batch: AdapterBatch | None) -> torch.Tensor:
         """x: [B, T, k] or [B, k] -> [B, T, D] (members' outputs side by side, in member order)."""
         D, n = self.D, self.n
-        if batch is None or batch.empty or not batch.rank:
-            y = F.linear(x, self.weight[:D], None if self.bias is None else self.bias[:D])
-            z = None
+        rank = 0 if batch is None or batch.empty else batch.rank
+        w, b = self._rows(rank)
+        e = F.linear(x, w, b)
+        if not rank:
+            y, z = e, None
         else:
-            rows = D + n * batch.rank
-            e = F.linear(x, self.weight[:rows], None if self.bias is None else self.bias[:rows])
             y, z = e[..., :D], e[..., D:]  # z[..., i·n + j] = member j's component i of Vᵀx
         if batch is None or batch.empty:
             return y
@@ -132,13 +134,42 @@ class FusedLinear:
                 s = e_
         return y
 
+    def _rows(self, rank: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The first D + n·rank rows of W_ext (and of the bias): views made once per rank, as every layer
+        of every step asks for the same few."""
+        views = self._row_views.get(rank)
+        if views is None:
+            rows = self.D + self.n * rank
+            views = self._row_views[rank] = (self.weight[:rows], None if self.bias is None else self.bias[:rows])
+        return views
+
+    def _osora_rows(self, batch: AdapterBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """This group's columns of the batch's slot-table rows: ca [B, 2, n·rank] (c then a) and o [B, D].
+        Cut once per batch object (the engine reuses it across decode steps while the slots stay) rather
+        than in every step: per layer and step that was a dozen view operators."""
+        parts = batch.memo.get(self.offset)
+        if parts is None:
+            R, n, D, off, rn = self.R, self.n, self.D, self.offset, self.n * batch.rank
+            t = batch.table  # [B, P]: this batch's rows of the slot table
+            ca = t[:, off: off + 2 * R * n].view(-1, 2, R * n)[:, :, :rn].contiguous()
+            o = t[:, off + 2 * R * n: off + 2 * R * n + D]
+            parts = batch.memo[self.offset] = (ca, o)
+        return parts
+
     def _osora(self, y: torch.Tensor, z: torch.Tensor, batch: AdapterBatch) -> None:
-        R, n, D, off = self.R, self.n, self.D, self.offset
-        rn = n * batch.rank
-        B = y.shape[0]
-        ones = [1] * (y.dim() - 2)
-        t = batch.table  # [B, P]: this batch's rows of the slot table
-        ca = t[:, off: off + 2 * R * n].view(B, 2, R * n)[:, :, :rn].view(B, *ones, 2, rn)
-        o = t[:, off + 2 * R * n: off + 2 * R * n + D].view(B, *ones, D)
-        q = (z.unsqueeze(-2) * ca) @ self.ublk_t[:rn]  # [B, (T,) 2, D]
+        # y: [B, (T,) D] += U(c ⊙ z) + o ⊙ U(a ⊙ z), both U products in one matmul over 2·B·T rows
+        ca, o = self._osora_rows(batch)
+        B, rn, D = ca.shape[0], ca.shape[-1], self.D
+        if z.dim() == 3:  # [B, T, rn]
+            zz = z.unsqueeze(-2) * ca.unsqueeze(1)  # [B, T, 2, rn]
+            o = o.unsqueeze(1)
+        else:
+            zz = z.unsqueeze(-2) * ca  # [B, 2, rn]
+        q = torch.mm(zz.view(-1, rn), self._ublk(rn)).view(*zz.shape[:-1], D)  # [B, (T,) 2, D]
         y.add_(q[..., 0, :]).addcmul_(o, q[..., 1, :])
+
+    def _ublk(self, rn: int) -> torch.Tensor:
+        u = self._ublk_views.get(rn)
+        if u is None:
+            u = self._ublk_views[rn] = self.ublk_t[:rn]
+        return u

@@ -39,6 +39,9 @@ class AdapterBatch:
     # this batch's rows of the model's OSoRA slot table [B, P] (adapters/fused.py), gathered once per
     # batch for every fused layer; None when no row uses OSoRA
     table: torch.Tensor | None = None
+    # tensors derived from this batch by the layers (each fused group's cut of `table`), made on first use
+    # and reused for as long as the batch object lives; key: the owner's choosing (a group's table offset)
+    memo: dict[object, tuple[torch.Tensor, ...]] = field(default_factory=dict)
 
     @property
     def empty(self) -> bool:

@@ -22,15 +22,16 @@ def check_groups(adapted: AdaptedModel, slots: list[int], atol: float = 1e-4) ->
     names = {id(layer): name for name, layer in adapted.layers.items()}
     g = torch.Generator().manual_seed(3)
     for group in adapted.fused:
-        x = torch.randn(len(slots), 3, group.k, generator=g)
-        with torch.inference_mode():
-            y = group(x, batch)
-        assert y.shape == (len(slots), 3, group.D)
-        for m, part in zip(group.members, y.split(group.sizes, dim=-1)):
-            bias = 0 if m.bias is None else m.bias
-            for row, slot in enumerate(slots):
-                ref = dense_reference(adapted, names[id(m)], slot, x[row]) + bias
-                torch.testing.assert_close(part[row], ref, atol=atol, rtol=0)
+        for lead in ((3,), (1,), ()):  # prefill [B, T, k], decode [B, 1, k], and plain rows [B, k]
+            x = torch.randn(len(slots), *lead, group.k, generator=g)
+            with torch.inference_mode():
+                y = group(x, batch)
+            assert y.shape == (len(slots), *lead, group.D)
+            for m, part in zip(group.members, y.split(group.sizes, dim=-1)):
+                bias = 0 if m.bias is None else m.bias
+                for row, slot in enumerate(slots):
+                    ref = dense_reference(adapted, names[id(m)], slot, x[row]) + bias
+                    torch.testing.assert_close(part[row], ref, atol=atol, rtol=0)
 
 
 def test_groups_share_inputs_and_weights(tiny_adapted):
