@@ -8,10 +8,15 @@ every slot is pinned, `acquire` returns None and the request waits in the queue.
 
 Merge policy (DESIGN.md), decided once per step from the running batch:
   * never:  adapters are always applied unmerged.
-  * auto:   merge when one adapter holds the whole running batch and some request of it still has at
-            least `AUTO_MERGE_MIN_TOKENS` tokens to generate. Merging costs about as much as a few decode
-            steps (one dense ΔW per layer), so it only pays for a batch that will run a while; the batch
-            size does not matter (even one row saves the whole adapter overhead). Once merged it stays
+  * auto:   merge when one adapter has held the whole running batch for `AUTO_MERGE_STABLE_STEPS`
+            consecutive steps and some request of it still has at least `AUTO_MERGE_MIN_TOKENS` tokens to
+            generate. Merging costs about as much as a few decode steps (one dense ΔW per layer), so it
+            only pays for a batch that will run a while; the batch size does not matter (even one row
+            saves the whole adapter overhead). The wait filters out the moments when one adapter has the
+            batch only by accident — the first of a burst of requests, admitted alone a few milliseconds
+            before the rest, or the last request of a draining batch — where a merge would be undone on
+            the very next step (measured: merging on such blips cost 32 HTTP clients on 32 adapters most
+            of their throughput, bench/serve_load.py). Once merged it stays
             merged while the batch is still that adapter's alone; the step a request of another adapter
             (or of the base model) is admitted, the pristine weights are copied back (bit-exact).
   * always: merge whenever one adapter holds the whole running batch, and schedule so that this is the
@@ -32,6 +37,7 @@ if TYPE_CHECKING:
     from adapters.runtime import AdaptedModel
 
 AUTO_MERGE_MIN_TOKENS = 32
+AUTO_MERGE_STABLE_STEPS = 4
 
 
 class Residency:
@@ -46,6 +52,7 @@ class Residency:
         self.idle: OrderedDict[AdapterKey, None] = OrderedDict()  # unpinned residents, least recent first
         self.forgotten: set[AdapterKey] = set()  # deleted from the store: unload when the last pin goes
         self.merged: AdapterKey | None = None
+        self._alone: tuple[AdapterKey | None, int] = (None, 0)  # (adapter, consecutive steps it had the batch)
         self.loads = self.evictions = self.merges = 0
 
     # ---- slots ------------------------------------------------------------------------------------
@@ -123,11 +130,12 @@ class Residency:
         if not running:
             return self.merged  # nothing runs: leave the weights as they are
         keys = {s.adapter_key for s in running}
-        if len(keys) != 1:
-            return None
-        key = next(iter(keys))
+        key = next(iter(keys)) if len(keys) == 1 else None
+        self._alone = (key, self._alone[1] + 1 if key is not None and key == self._alone[0] else 1)
         if key is None or self.policy == "always" or self.merged == key:
             return key
+        if self._alone[1] < AUTO_MERGE_STABLE_STEPS:
+            return None
         return key if max(s.remaining for s in running) >= AUTO_MERGE_MIN_TOKENS else None
 
     def apply_merge(self, key: AdapterKey | None) -> None:

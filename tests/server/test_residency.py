@@ -7,7 +7,7 @@ import asyncio
 import pytest
 import torch
 
-from server.residency import AUTO_MERGE_MIN_TOKENS, Residency
+from server.residency import AUTO_MERGE_MIN_TOKENS, AUTO_MERGE_STABLE_STEPS, Residency
 from server.scheduler import Scheduler
 from server.sequence import Detokenizer, SampledToken, SamplingParams, Sequence
 
@@ -85,7 +85,27 @@ def seqs_for(keys, remaining=AUTO_MERGE_MIN_TOKENS):
 ])
 def test_merge_target(small, policy, keys, remaining, merged):
     r = Residency(small[0], policy)
-    assert r.merge_target(seqs_for(keys, remaining)) == merged
+    running = seqs_for(keys, remaining)
+    if policy == "auto":  # auto waits until one adapter has held the batch for a few steps
+        for _ in range(AUTO_MERGE_STABLE_STEPS - 1):
+            assert r.merge_target(running) is None
+    assert r.merge_target(running) == merged
+
+
+def test_auto_does_not_merge_on_a_blip(small):
+    """One adapter alone for fewer than AUTO_MERGE_STABLE_STEPS steps (a request admitted just before the
+    rest of its burst) is not merged; the count starts again whenever the batch changes hands."""
+    r = Residency(small[0], "auto")
+    alone, mixed, other = seqs_for([key("a")], 100), seqs_for([key("a"), key("b")], 100), seqs_for([key("b")], 100)
+    for _ in range(AUTO_MERGE_STABLE_STEPS - 1):
+        assert r.merge_target(alone) is None
+    assert r.merge_target(mixed) is None
+    for _ in range(AUTO_MERGE_STABLE_STEPS - 1):
+        assert r.merge_target(other) is None
+    assert r.merge_target(alone) is None  # a, but after b: counting again
+    for _ in range(AUTO_MERGE_STABLE_STEPS - 2):
+        assert r.merge_target(alone) is None
+    assert r.merge_target(alone) == key("a")
 
 
 def test_always_admits_only_the_running_adapter(small):
