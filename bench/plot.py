@@ -68,10 +68,14 @@ def combined(paths: list[Path]) -> tuple[list[dict], list[dict]]:
 
 
 def default_sources() -> list[Path]:
-    """bench/results/mixed_adapters.json, then any mixed_adapters_<re-measurement>.json (not _quick)."""
+    """bench/results/mixed_adapters.json, then any mixed_adapters_<re-measurement>.json of the same dtype
+    (not _quick; a bfloat16 run is its own table, as its rows carry the same labels)."""
     res = ROOT / "bench/results"
-    extra = sorted(p for p in res.glob("mixed_adapters_*.json") if not p.stem.endswith("quick"))
-    return [res / "mixed_adapters.json", *extra]
+    main = res / "mixed_adapters.json"
+    dtype = json.loads(main.read_text()).get("dtype") if main.exists() else None
+    extra = sorted(p for p in res.glob("mixed_adapters_*.json")
+                   if not p.stem.endswith("quick") and json.loads(p.read_text()).get("dtype") == dtype)
+    return [main, *extra]
 
 
 if __name__ == "__main__":
