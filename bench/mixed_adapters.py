@@ -8,8 +8,9 @@ What is timed: the decode step of the engine's model (`server.model.DecoderModel
 engine's runner calls every step, with the per-row `AdapterBatch`) plus a greedy argmax, at batch B, after
 a prefill that is not timed. Rows cycle over n distinct adapters (row i uses adapter i mod n). Every
 configuration is measured `--rounds` times, interleaved with the base model (slot 0 for every row) on the
-same engine, and each ratio divides by the base figure of the same round, so load from other processes on
-the machine cancels out as far as possible. The reported figure is the median over rounds.
+same engine: each measurement sits between two base measurements and is divided by their mean, so load
+from other processes and drifts in the machine's speed cancel out as far as possible. The reported figure
+is the median over rounds.
 
 PEFT: the same base model wrapped by PEFT with LoRA r=16 adapters, `generate(adapter_names=[...])` on the
 same prompts, against plain transformers `generate` of the same base model; its decode steps are timed from
@@ -156,14 +157,19 @@ def run_svdserve(args, prompts: dict[int, torch.Tensor], groups: list[list[Case]
             c0 = group[0]
             seconds = bench.load(c0.method, c0.rank, max(c.distinct for c in group))
             print(f"round {rnd + 1}: {c0.method} r={c0.rank} loaded in {seconds:.1f} s", flush=True)
+            # base, case, base, case, ..., base: each case is divided by the mean of the base measurements
+            # just before and just after it, so a drift in machine speed during the round cancels out
             base = {b: bench.decode(prompts[b], Case(None, 0, 0, b), args.steps, args.warmup)
                     for b in sorted({c.batch for c in group})}
             for b, v in base.items():
                 samples.setdefault(Case(None, 0, 0, b), []).append((v, v))
             for case in group:
                 v = bench.decode(prompts[case.batch], case, args.steps, args.warmup)
-                samples.setdefault(case, []).append((v, base[case.batch]))
-                b = base[case.batch]
+                after = bench.decode(prompts[case.batch], Case(None, 0, 0, case.batch), args.steps, args.warmup)
+                samples[Case(None, 0, 0, case.batch)].append((after, after))
+                b = tuple((x + y) / 2 for x, y in zip(base[case.batch], after))
+                base[case.batch] = after
+                samples.setdefault(case, []).append((v, b))
                 print(f"  {case.label:45s} {v[0]:8.1f} tok/s  ({v[0] / b[0]:.2f}× base; CPU time "
                       f"{v[1] / b[1]:.2f}×)", flush=True)
             gc.collect()
