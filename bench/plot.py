@@ -67,10 +67,10 @@ def combined(paths: list[Path]) -> tuple[list[dict], list[dict]]:
     return list(rows.values()), heads
 
 
-def default_sources() -> list[Path]:
-    """bench/results/mixed_adapters.json, then any mixed_adapters_<re-measurement>.json of the same dtype
-    (not _quick; a bfloat16 run is its own table, as its rows carry the same labels)."""
-    res = ROOT / "bench/results"
+def default_sources(res: Path | None = None) -> list[Path]:
+    """<res>/mixed_adapters.json, then any mixed_adapters_<re-measurement>.json of the same dtype (not _quick;
+    a bfloat16 run is its own table, as its rows carry the same labels). res: bench/results by default."""
+    res = res or ROOT / "bench/results"
     main = res / "mixed_adapters.json"
     dtype = json.loads(main.read_text()).get("dtype") if main.exists() else None
     extra = sorted(p for p in res.glob("mixed_adapters_*.json")

@@ -1,10 +1,11 @@
 """Print the Markdown tables of docs/benchmarks.md from bench/results/*.json (so the tables are never
-typed by hand): `python bench/report.py [mixed_adapters serve_load adapter_ops]`."""
+typed by hand): `python bench/report.py [--dir bench/results/xeon] [mixed_adapters serve_load adapter_ops]`."""
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from common import RESULTS_DIR, table
 
@@ -61,11 +62,11 @@ def ops(data: dict) -> str:
 RENDER = {"mixed_adapters": mixed, "serve_load": serve, "adapter_ops": ops}
 
 
-def main(names: list[str]) -> None:
+def main(names: list[str], results_dir: Path = RESULTS_DIR) -> None:
     from plot import combined, default_sources
 
     if not names or "mixed_adapters" in names:
-        srcs = [p for p in default_sources() if p.exists()]
+        srcs = [p for p in default_sources(results_dir) if p.exists()]
         if srcs:
             rows, heads = combined(srcs)
             print("### mixed_adapters\n")
@@ -74,7 +75,7 @@ def main(names: list[str]) -> None:
             print("\n" + mixed({"rows": rows}) + "\n")
         names = [n for n in names or list(RENDER) if n != "mixed_adapters"]
     if "serve_load" in names:
-        srcs = [RESULTS_DIR / "serve_load.json", *sorted(RESULTS_DIR.glob("serve_load_*.json"))]
+        srcs = [results_dir / "serve_load.json", *sorted(results_dir.glob("serve_load_*.json"))]
         srcs = [p for p in srcs if p.exists() and not p.stem.endswith("quick")]
         if srcs:
             rows: dict[tuple, dict] = {}
@@ -86,7 +87,7 @@ def main(names: list[str]) -> None:
             print("\n" + serve({"rows": list(rows.values())}) + "\n")
         names.remove("serve_load")
     for name in names:
-        path = RESULTS_DIR / f"{name}.json"
+        path = results_dir / f"{name}.json"
         if not path.exists():
             print(f"<!-- {path.name}: not measured -->\n")
             continue
@@ -96,4 +97,8 @@ def main(names: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    args = sys.argv[1:]
+    where = RESULTS_DIR
+    if args[:1] == ["--dir"]:
+        where, args = Path(args[1]).resolve(), args[2:]
+    main(args, where)
