@@ -63,10 +63,11 @@ def _slot_bytes(bank, slot: int, n_slots: int) -> int:
     held = getattr(bank, "slots", None)
     if isinstance(held, dict):  # grouped banks (LoRA, SORSA) hold each adapter's own tensors
         return sum(t.numel() * t.element_size() for t in _tensors(held.get(slot)))
-    # stacked banks: every slot costs the same, a 1/n_slots share of each [n_slots, ...] storage
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in vars(bank).values()
-                if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == n_slots}
-    return sum(storages.values()) // n_slots
+    # stacked banks: every slot costs the same, its row of each [n_slots, ...] tensor. Counted by the row,
+    # not by the storage: OSoRA's banks are views into one model-wide slot table (adapters/fused.py), whose
+    # storage every layer shares.
+    return sum(t[slot].numel() * t.element_size() for t in vars(bank).values()
+               if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == n_slots)
 
 
 def _tensors(obj) -> list[torch.Tensor]:

@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--name", default=None)
     args = p.parse_args(argv)
     if args.quick:
-        args.clients, args.adapters, args.requests_per_client = "32", "0,32", 1
+        args.clients, args.adapters, args.requests_per_client, args.max_tokens = "32", "0,32", 1, 24
         args.llama_loras, args.transformers_serve = "32", False
     args.name = args.name or ("serve_load_quick" if args.quick else "serve_load")
     return args
