@@ -92,8 +92,7 @@ class FusedLinear:
             s = e
         self.offset = table_width_offset
         self.width = 2 * R * n + D  # table columns: c (R·n), a (R·n), o (D)
-        self._row_views: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        self._ublk_views: dict[int, torch.Tensor] = {}
+        self._views: dict[int, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = {}
 
     def attach_table(self, table: torch.Tensor) -> None:
         """Give each member an OSoRA bank whose tensors are views into this group's table columns."""
@@ -111,7 +110,7 @@ class FusedLinear:
         """x: [B, T, k] or [B, k] -> [B, T, D] (members' outputs side by side, in member order)."""
         D, n = self.D, self.n
         rank = 0 if batch is None or batch.empty else batch.rank
-        w, b = self._rows(rank)
+        w, b, _ = self._rank_views(rank)
         e = F.linear(x, w, b)
         if not rank:
             y, z = e, None
@@ -134,13 +133,14 @@ class FusedLinear:
                 s = e_
         return y
 
-    def _rows(self, rank: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The first D + n·rank rows of W_ext (and of the bias): views made once per rank, as every layer
-        of every step asks for the same few."""
-        views = self._row_views.get(rank)
+    def _rank_views(self, rank: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """The first D + n·rank rows of W_ext and of the bias, and the first n·rank rows of Ublkᵀ: views
+        made once per rank, as every layer of every step asks for the same few."""
+        views = self._views.get(rank)
         if views is None:
-            rows = self.D + self.n * rank
-            views = self._row_views[rank] = (self.weight[:rows], None if self.bias is None else self.bias[:rows])
+            rows, rn = self.D + self.n * rank, self.n * rank
+            b = None if self.bias is None else self.bias[:rows]
+            views = self._views[rank] = (self.weight[:rows], b, self.ublk_t[:rn])
         return views
 
     def _osora_rows(self, batch: AdapterBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,17 +159,12 @@ class FusedLinear:
     def _osora(self, y: torch.Tensor, z: torch.Tensor, batch: AdapterBatch) -> None:
         # y: [B, (T,) D] += U(c ⊙ z) + o ⊙ U(a ⊙ z), both U products in one matmul over 2·B·T rows
         ca, o = self._osora_rows(batch)
-        B, rn, D = ca.shape[0], ca.shape[-1], self.D
+        rn, D = ca.shape[-1], self.D
         if z.dim() == 3:  # [B, T, rn]
             zz = z.unsqueeze(-2) * ca.unsqueeze(1)  # [B, T, 2, rn]
             o = o.unsqueeze(1)
         else:
             zz = z.unsqueeze(-2) * ca  # [B, 2, rn]
-        q = torch.mm(zz.view(-1, rn), self._ublk(rn)).view(*zz.shape[:-1], D)  # [B, (T,) 2, D]
+        u = self._rank_views(batch.rank)[2]
+        q = torch.mm(zz.view(-1, rn), u).view(*zz.shape[:-1], D)  # [B, (T,) 2, D]
         y.add_(q[..., 0, :]).addcmul_(o, q[..., 1, :])
-
-    def _ublk(self, rn: int) -> torch.Tensor:
-        u = self._ublk_views.get(rn)
-        if u is None:
-            u = self._ublk_views[rn] = self.ublk_t[:rn]
-        return u
