@@ -1,8 +1,8 @@
 """Engine-level decode throughput with many distinct adapters in one running batch, against the bare base
 model on the same engine and against PEFT's own mixed-batch generate.
 
-    python bench/mixed_adapters.py            # full matrix (about 12 minutes on 2 CPU cores)
-    python bench/mixed_adapters.py --quick    # OSoRA at 32 adapters, PEFT at 32 (< 2 min)
+    python bench/mixed_adapters.py            # full matrix (about 16 minutes on the 2-core AMD EPYC host)
+    python bench/mixed_adapters.py --quick    # OSoRA at 32 adapters, PEFT at 32 (about 2.5 min there)
 
 What is timed: the decode step of the engine's model (`server.model.DecoderModel.decode`, the forward the
 engine's runner calls every step, with the per-row `AdapterBatch`) plus a greedy argmax, at batch B, after
