@@ -110,7 +110,7 @@ class FusedLinear:
         """x: [B, T, k] or [B, k] -> [B, T, D] (members' outputs side by side, in member order)."""
         D, n = self.D, self.n
         rank = 0 if batch is None or batch.empty else batch.rank
-        w, b, _ = self._rank_views(rank)
+        w, b, u = self._rank_views(rank)
         e = F.linear(x, w, b)
         if not rank:
             y, z = e, None
@@ -120,7 +120,7 @@ class FusedLinear:
             return y
         for method in batch.methods:
             if method == "osora" and batch.table is not None:
-                self._osora(y, z, batch)
+                self._osora(y, z, u, batch)
                 continue
             s = 0
             for j, m in enumerate(self.members):
@@ -156,8 +156,9 @@ class FusedLinear:
             parts = batch.memo[self.offset] = (ca, o)
         return parts
 
-    def _osora(self, y: torch.Tensor, z: torch.Tensor, batch: AdapterBatch) -> None:
-        # y: [B, (T,) D] += U(c ⊙ z) + o ⊙ U(a ⊙ z), both U products in one matmul over 2·B·T rows
+    def _osora(self, y: torch.Tensor, z: torch.Tensor, u: torch.Tensor, batch: AdapterBatch) -> None:
+        # y: [B, (T,) D] += U(c ⊙ z) + o ⊙ U(a ⊙ z), both U products in one matmul over 2·B·T rows;
+        # u: the first n·rank rows of Ublkᵀ
         ca, o = self._osora_rows(batch)
         rn, D = ca.shape[-1], self.D
         if z.dim() == 3:  # [B, T, rn]
@@ -165,6 +166,5 @@ class FusedLinear:
             o = o.unsqueeze(1)
         else:
             zz = z.unsqueeze(-2) * ca  # [B, 2, rn]
-        u = self._rank_views(batch.rank)[2]
         q = torch.mm(zz.view(-1, rn), u).view(*zz.shape[:-1], D)  # [B, (T,) 2, D]
         y.add_(q[..., 0, :]).addcmul_(o, q[..., 1, :])
