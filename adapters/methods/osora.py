@@ -60,9 +60,10 @@ class OSoRA(Method):
         return {"osora_S": (r,), "osora_O": (d,)}
 
     def dense_delta(self, p: Params, f: LayerFactors, r, scale, glob):
+        # (O ⊙ U) diag(S') Vᵀ − U diag(S) Vᵀ = (U ⊙ (O S'ᵀ − 1 Sᵀ)) Vᵀ: one d×r×k product, not two
         U, S, V = truncated(f, r)
-        new = (p["osora_O"].float()[:, None] * U) @ torch.diag(p["osora_S"].float()) @ V.T
-        return new - U @ torch.diag(S) @ V.T
+        scale_dr = p["osora_O"].float()[:, None] * p["osora_S"].float()[None, :] - S.float()[None, :]
+        return (U * scale_dr) @ V.T
 
     def new_bank(self, d, k, f, n_slots, dtype):
         return OSoRABank(d, f.S.shape[0], n_slots, dtype, f.U.device)

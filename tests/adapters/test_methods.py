@@ -113,6 +113,20 @@ def test_merge_equals_unmerged_and_restore_is_bit_exact(tiny_adapted, tiny_facto
         assert torch.equal(l.weight, before[n])
 
 
+def test_osora_dense_delta_is_the_papers_weight(tiny_adapted, tiny_factors):
+    """OSoRA's dense ΔW (merge, and the reference of the batched path) against the paper's literal weight:
+    W' = W_res + diag(O) U_r diag(S') V_rᵀ with W_res = W0 − U_r diag(S_r) V_rᵀ."""
+    a = random_adapter("osora", tiny_adapted.spec, tiny_factors, 8, seed=3)
+    for name, p in a.layers.items():
+        f = tiny_factors[name]
+        U, S, V = f.U[:, :8].double(), f.S[:8].double(), f.V[:, :8].double()
+        w0 = torch.randn(U.shape[0], V.shape[0], dtype=torch.float64)
+        w_res = w0 - U @ torch.diag(S) @ V.T
+        want = w_res + torch.diag(p["osora_O"].double()) @ U @ torch.diag(p["osora_S"].double()) @ V.T
+        got = w0 + get_method("osora").dense_delta(p, f, 8, a.scale, a.glob).double()
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_identity_osora_leaves_logits_unchanged(tiny_adapted, tiny_factors):
     adapter = random_adapter("osora", tiny_adapted.spec, tiny_factors, R_MAX, seed=0)
     for name, p in adapter.layers.items():
