@@ -1,8 +1,8 @@
 """Engine-level decode throughput with many distinct adapters in one running batch, against the bare base
 model on the same engine and against PEFT's own mixed-batch generate.
 
-    python bench/mixed_adapters.py            # full matrix (about 16 minutes on the 2-core AMD EPYC host)
-    python bench/mixed_adapters.py --quick    # OSoRA at 32 adapters, PEFT at 32 (about 2.5 min there)
+    python bench/mixed_adapters.py            # full matrix (about 10 minutes on the 2-core AMD EPYC Zen 4 host)
+    python bench/mixed_adapters.py --quick    # OSoRA at 32 adapters, PEFT at 32 (about 1.5 min there)
 
 What is timed: the decode step of the engine's model (`server.model.DecoderModel.decode`, the forward the
 engine's runner calls every step, with the per-row `AdapterBatch`) plus a greedy argmax, at batch B, after
@@ -14,7 +14,9 @@ is the median over rounds.
 
 PEFT: the same base model wrapped by PEFT with LoRA r=16 adapters, `generate(adapter_names=[...])` on the
 same prompts, against plain transformers `generate` of the same base model; its decode steps are timed from
-inside generate (bench/peft_baseline.py), so both sides exclude the prefill.
+inside generate (bench/peft_baseline.py), so both sides exclude the prefill. Each transformers `generate`
+measurement also sits between two measurements of svdserve's base model (row `svdserve base ÷ transformers
+generate`): the engine against transformers, interleaved.
 """
 
 from __future__ import annotations
@@ -140,7 +142,7 @@ def svdserve_cases(configs: list[tuple[str, int]], counts: list[int], batch: int
     return groups
 
 
-def run_svdserve(args, prompts: dict[int, torch.Tensor], groups: list[list[Case]]) -> list[dict]:
+def run_svdserve(args, prompts: dict[int, torch.Tensor], groups: list[list[Case]]) -> tuple[list[dict], "Bench"]:
     max_batch = max(p.shape[0] for p in prompts.values())
     max_n = max(c.distinct for g in groups for c in g)
     bench = Bench(args, max_batch, n_slots=max_n + 1)
@@ -173,7 +175,7 @@ def run_svdserve(args, prompts: dict[int, torch.Tensor], groups: list[list[Case]
                 print(f"  {case.label:45s} {v[0]:8.1f} tok/s  ({v[0] / b[0]:.2f}× base; CPU time "
                       f"{v[1] / b[1]:.2f}×)", flush=True)
             gc.collect()
-    return [summarise(case, s) for case, s in samples.items()]
+    return [summarise(case, s) for case, s in samples.items()], bench
 
 
 def summarise(case: Case, s: list[tuple]) -> dict:
@@ -185,7 +187,9 @@ def summarise(case: Case, s: list[tuple]) -> dict:
 
 
 # ---- PEFT ------------------------------------------------------------------------------------------
-def run_peft(args, prompts: torch.Tensor, counts: list[int]) -> list[dict]:
+def run_peft(args, prompts: torch.Tensor, counts: list[int], engine: Bench | None = None) -> list[dict]:
+    """PEFT's mixed batch against transformers' generate; with `engine`, also svdserve's base model against
+    transformers' generate, interleaved (engine, transformers, engine in every round)."""
     from peft_baseline import PeftBaseline
 
     B = prompts.shape[0]
@@ -194,10 +198,19 @@ def run_peft(args, prompts: torch.Tensor, counts: list[int]) -> list[dict]:
     samples: dict[int, list[tuple]] = {}
     pb.decode_plain(prompts, 2)  # untimed warm-up, as for svdserve
     pb.decode(prompts, 2, max(counts))
+    vs: list[tuple] = []  # (svdserve engine base, transformers generate) per round
+    base_case = Case(None, 0, 0, B)
     for rnd in range(args.rounds):
+        e0 = engine.decode(prompts, base_case, args.steps, args.warmup) if engine else None
         base = _tok_s(B, pb.decode_plain(prompts, args.peft_steps))
         samples.setdefault(0, []).append((base, base))
         print(f"round {rnd + 1}: transformers generate (base, B={B}) {base[0]:8.1f} tok/s", flush=True)
+        if engine:
+            e1 = engine.decode(prompts, base_case, args.steps, args.warmup)
+            e = tuple((x + y) / 2 for x, y in zip(e0, e1))
+            vs.append((e, base))
+            print(f"  svdserve engine base (B={B}) {e[0]:8.1f} tok/s around it ({e[0] / base[0]:.2f}× transformers "
+                  f"generate; CPU time {e[1] / base[1]:.2f}×)", flush=True)
         for n in counts:
             v = _tok_s(B, pb.decode(prompts, args.peft_steps, n))
             samples.setdefault(n, []).append((v, base))
@@ -211,6 +224,12 @@ def run_peft(args, prompts: torch.Tensor, counts: list[int]) -> list[dict]:
                      "tok_s": statistics.median(v[0] for v, _ in s), "base_tok_s": statistics.median(b[0] for _, b in s),
                      "ratio": statistics.median(v[0] / b[0] for v, b in s),
                      "cpu_ratio": statistics.median(v[1] / b[1] for v, b in s), "rounds": [v[0] for v, _ in s]})
+    if vs:  # × base here: the svdserve engine's base model ÷ transformers' generate measured between its two runs
+        rows.append({"engine": "svdserve-vs-transformers", "config": f"svdserve base ÷ transformers generate (B={B})",
+                     "method": "base", "rank": 0, "distinct": 0, "batch": B, "merged": False,
+                     "tok_s": statistics.median(e[0] for e, _ in vs), "base_tok_s": statistics.median(t[0] for _, t in vs),
+                     "ratio": statistics.median(e[0] / t[0] for e, t in vs),
+                     "cpu_ratio": statistics.median(e[1] / t[1] for e, t in vs), "rounds": [e[0] for e, _ in vs]})
     return rows
 
 
@@ -259,9 +278,9 @@ def main(argv: list[str] | None = None) -> None:
                             parse_configs(args.big_configs))
     tok = _tokenizer(args.model)
     prompts = {b: make_prompts(tok, b, args.prompt_len) for b in {args.batch} | ({args.big} if args.big else set())}
-    rows = run_svdserve(args, prompts, groups)
+    rows, bench = run_svdserve(args, prompts, groups)
     if not args.no_peft:
-        rows += run_peft(args, prompts[args.batch], [int(n) for n in args.peft_counts.split(",")])
+        rows += run_peft(args, prompts[args.batch], [int(n) for n in args.peft_counts.split(",")], bench)
     print()
     print(table(rows, ["config", "tok_s", "ratio", "cpu_ratio"], {"ratio": 2, "cpu_ratio": 2}))
     write_results(args.name, {"dtype": args.dtype, "steps": args.steps, "rounds": args.rounds,

@@ -35,7 +35,7 @@ def throughput_plot(rows: list[dict], out: str | Path, machine: dict) -> None:
         ax.plot([r["distinct"] for r in rs], [r["tok_s"] for r in rs], label=name, **style)
         ax2.plot([r["distinct"] for r in rs], [r["ratio"] for r in rs], label=name, **style)
     for r in rows:
-        if not r["distinct"]:
+        if not r["distinct"] and r["engine"] in ("svdserve", "transformers"):
             who = "svdserve base" if r["engine"] == "svdserve" else "transformers generate base"
             ax.axhline(r["tok_s"], color="grey" if r["engine"] == "svdserve" else "silver", linestyle=":")
             ax.annotate(who, (1, r["tok_s"]), fontsize=7, va="bottom", color="dimgrey")

@@ -3,7 +3,7 @@ svdserve, the base model alone on svdserve, llama.cpp's llama-server (same GGUF,
 converted with convert_lora_to_gguf.py) and `transformers serve --continuous-batching` (base model).
 
     python bench/serve_load.py --llama-server /work/llama.cpp-build/build/bin/llama-server
-    python bench/serve_load.py --quick          # 32 clients, base and 32 adapters (about 2.5 min on 2 cores)
+    python bench/serve_load.py --quick          # 32 clients, base and 32 adapters (about 1.5 min on 2 cores)
 
 Each request streams `--max-tokens` greedy tokens (end-of-sequence ignored). Reported per cell: aggregate
 tokens/s, time to first token and inter-token latency (p50/p99), and errors (must be 0). Request i of
