@@ -142,7 +142,7 @@ def svdserve_cases(configs: list[tuple[str, int]], counts: list[int], batch: int
     return groups
 
 
-def run_svdserve(args, prompts: dict[int, torch.Tensor], groups: list[list[Case]]) -> tuple[list[dict], "Bench"]:
+def run_svdserve(args, prompts: dict[int, torch.Tensor], groups: list[list[Case]]) -> tuple[list[dict], Bench]:
     max_batch = max(p.shape[0] for p in prompts.values())
     max_n = max(c.distinct for g in groups for c in g)
     bench = Bench(args, max_batch, n_slots=max_n + 1)
@@ -169,7 +169,7 @@ def run_svdserve(args, prompts: dict[int, torch.Tensor], groups: list[list[Case]
                 v = bench.decode(prompts[case.batch], case, args.steps, args.warmup)
                 after = bench.decode(prompts[case.batch], Case(None, 0, 0, case.batch), args.steps, args.warmup)
                 samples[Case(None, 0, 0, case.batch)].append((after, after))
-                b = tuple((x + y) / 2 for x, y in zip(base[case.batch], after))
+                b = mean_pair(base[case.batch], after)
                 base[case.batch] = after
                 samples.setdefault(case, []).append((v, b))
                 print(f"  {case.label:45s} {v[0]:8.1f} tok/s  ({v[0] / b[0]:.2f}× base; CPU time "
@@ -180,10 +180,19 @@ def run_svdserve(args, prompts: dict[int, torch.Tensor], groups: list[list[Case]
 
 def summarise(case: Case, s: list[tuple]) -> dict:
     return {"engine": "svdserve", "config": case.label, "method": case.method or "base", "rank": case.rank,
-            "distinct": case.distinct, "batch": case.batch, "merged": case.merged,
-            "tok_s": statistics.median(v[0] for v, _ in s), "base_tok_s": statistics.median(b[0] for _, b in s),
+            "distinct": case.distinct, "batch": case.batch, "merged": case.merged, **medians(s)}
+
+
+def medians(s: list[tuple]) -> dict:
+    """Result columns from per-round ((tok/s, CPU tok/s), (its base's tok/s, CPU tok/s)) pairs."""
+    return {"tok_s": statistics.median(v[0] for v, _ in s), "base_tok_s": statistics.median(b[0] for _, b in s),
             "ratio": statistics.median(v[0] / b[0] for v, b in s),
             "cpu_ratio": statistics.median(v[1] / b[1] for v, b in s), "rounds": [v[0] for v, _ in s]}
+
+
+def mean_pair(a: tuple, b: tuple) -> tuple:
+    """The mean of two (tok/s, CPU tok/s) measurements."""
+    return tuple((x + y) / 2 for x, y in zip(a, b))
 
 
 # ---- PEFT ------------------------------------------------------------------------------------------
@@ -207,7 +216,7 @@ def run_peft(args, prompts: torch.Tensor, counts: list[int], engine: Bench | Non
         print(f"round {rnd + 1}: transformers generate (base, B={B}) {base[0]:8.1f} tok/s", flush=True)
         if engine:
             e1 = engine.decode(prompts, base_case, args.steps, args.warmup)
-            e = tuple((x + y) / 2 for x, y in zip(e0, e1))
+            e = mean_pair(e0, e1)
             vs.append((e, base))
             print(f"  svdserve engine base (B={B}) {e[0]:8.1f} tok/s around it ({e[0] / base[0]:.2f}× transformers "
                   f"generate; CPU time {e[1] / base[1]:.2f}×)", flush=True)
@@ -220,16 +229,10 @@ def run_peft(args, prompts: torch.Tensor, counts: list[int], engine: Bench | Non
     for n, s in samples.items():
         label = f"transformers generate, base (B={B})" if n == 0 else f"PEFT LoRA r=16, {n} distinct (B={B})"
         rows.append({"engine": "peft" if n else "transformers", "config": label, "method": "lora" if n else "base",
-                     "rank": 16 if n else 0, "distinct": n, "batch": B, "merged": False,
-                     "tok_s": statistics.median(v[0] for v, _ in s), "base_tok_s": statistics.median(b[0] for _, b in s),
-                     "ratio": statistics.median(v[0] / b[0] for v, b in s),
-                     "cpu_ratio": statistics.median(v[1] / b[1] for v, b in s), "rounds": [v[0] for v, _ in s]})
+                     "rank": 16 if n else 0, "distinct": n, "batch": B, "merged": False, **medians(s)})
     if vs:  # × base here: the svdserve engine's base model ÷ transformers' generate measured between its two runs
         rows.append({"engine": "svdserve-vs-transformers", "config": f"svdserve base ÷ transformers generate (B={B})",
-                     "method": "base", "rank": 0, "distinct": 0, "batch": B, "merged": False,
-                     "tok_s": statistics.median(e[0] for e, _ in vs), "base_tok_s": statistics.median(t[0] for _, t in vs),
-                     "ratio": statistics.median(e[0] / t[0] for e, t in vs),
-                     "cpu_ratio": statistics.median(e[1] / t[1] for e, t in vs), "rounds": [e[0] for e, _ in vs]})
+                     "method": "base", "rank": 0, "distinct": 0, "batch": B, "merged": False, **medians(vs)})
     return rows
 
 

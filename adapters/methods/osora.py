@@ -62,7 +62,7 @@ class OSoRA(Method):
     def dense_delta(self, p: Params, f: LayerFactors, r, scale, glob):
         # (O ⊙ U) diag(S') Vᵀ − U diag(S) Vᵀ = (U ⊙ (O S'ᵀ − 1 Sᵀ)) Vᵀ: one d×r×k product, not two
         U, S, V = truncated(f, r)
-        scale_dr = p["osora_O"].float()[:, None] * p["osora_S"].float()[None, :] - S.float()[None, :]
+        scale_dr = p["osora_O"].float()[:, None] * p["osora_S"].float()[None, :] - S[None, :]
         return (U * scale_dr) @ V.T
 
     def new_bank(self, d, k, f, n_slots, dtype):
