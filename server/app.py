@@ -12,6 +12,7 @@ import anyio
 from fastapi import FastAPI
 
 from server.api import routers
+from server.api.auth import RateLimitHeaders
 from server.api.deps import Served
 from server.config import Config
 from server.errors import install_error_handlers
@@ -30,6 +31,33 @@ def load_model(config: Config):
                               device=m.device, dtype=getattr(torch, m.dtype), targets=m.targets, progress=False)
 
 
+def open_tenancy(config: Config, store=None):
+    """The tenants' database (migrated to the newest schema), its service, and the `default` tenant that owns
+    open mode's adapters and those of a store from before tenants (adopted here, nothing lost)."""
+    from server.api.auth import Tenancy
+    from server.tenancy.database import Database
+    from server.tenancy.service import DEFAULT_TENANT, TenancyService
+
+    t = config.tenancy
+    db = Database(t.database_url)
+    revision = db.migrate()
+    service = TenancyService(db, t.default_quota, t.admin_key)
+    service.ensure_tenant(DEFAULT_TENANT)
+    if store is not None:
+        moved = store.adopt_legacy()
+        if moved:
+            log.info("adopted %d adapters of an earlier store into tenant %r: %s", len(moved), DEFAULT_TENANT,
+                     ", ".join(moved))
+    log.info("tenants' database %s (%s, schema %s)", _safe_url(db.url), db.dialect, revision)
+    return Tenancy(service, open_allowed=t.open_allowed)
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
 def create_app(config: Config, model=None) -> FastAPI:
     """The app for `config`. `model` (an AdaptedModel whose base carries a tokenizer) skips loading, for
     tests on tiny models; by default the lifespan loads `config.model`."""
@@ -43,9 +71,16 @@ def create_app(config: Config, model=None) -> FastAPI:
         adapted = model if model is not None else await anyio.to_thread.run_sync(load_model, config)
         tokenizer = adapted.base.tokenizer
         store = AdapterStore(config.store, adapted.spec)
-        engine = Engine(config.engine, adapted, tokenizer, store)
+        tenancy = await anyio.to_thread.run_sync(open_tenancy, config, store)
+        engine = Engine(config.engine, adapted, tokenizer, store, weight=tenancy.weight)
         engine.start()
         app.state.config, app.state.store, app.state.engine, app.state.tokenizer = config, store, engine, tokenizer
+        app.state.tenancy = tenancy
+        if await tenancy.open_mode():
+            log.warning("open mode: no API key is configured, so every client of %s:%d acts as the admin. "
+                        "Create a tenant and a key (python -m server tenants create NAME; python -m server keys "
+                        "create --tenant NAME) or set SVDSERVE_ADMIN_KEY to require keys.",
+                        config.http.host, config.http.port)
         app.state.served = Served(name=adapted.base.name, fingerprint=adapted.base.fingerprint,
                                   created=int(time.time()), max_model_len=config.engine.max_model_len)
         log.info("serving %s (fingerprint %s) on %s, store %s; ready in %.1f s", adapted.base.name,
@@ -54,10 +89,12 @@ def create_app(config: Config, model=None) -> FastAPI:
             yield
         finally:
             engine.shutdown()
+            tenancy.service.db.dispose()
 
     app = FastAPI(title="svdserve", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-style inference server for SVD-based LLM adapters")
     install_error_handlers(app)
+    app.add_middleware(RateLimitHeaders)
     for router in routers:
         app.include_router(router)
     return app

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from server.tenancy.quotas import Quota
 
 MergePolicy = Literal["never", "auto", "always"]
 ENV_PREFIX = "SVDSERVE_"
@@ -39,6 +41,14 @@ class Settings(BaseSettings):
     merge_policy: MergePolicy = Field("auto", description="never | auto | always: merge one adapter into the weights")
     targets: str = Field("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", description="adapted linear layers")
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field("info", description="log level")
+    admin_key: str | None = Field(None, description="the admin's API key (better: SVDSERVE_ADMIN_KEY); none: keys from the database only")
+    database_url: str | None = Field(None, description="tenants' database: sqlite:///PATH or postgresql://... (default: sqlite in the store)")
+    insecure_open: bool = Field(False, description="allow open mode (no keys) on a non-loopback address")
+    quota_max_adapters: int | None = Field(None, ge=0, description="default per-tenant quota: adapters stored")
+    quota_max_storage_bytes: int | None = Field(None, ge=0, description="default per-tenant quota: bytes of adapters stored")
+    quota_requests_per_minute: int | None = Field(None, ge=0, description="default per-tenant quota: generation requests per minute")
+    quota_tokens_per_minute: int | None = Field(None, ge=0, description="default per-tenant quota: prompt + completion tokens per minute")
+    quota_max_concurrent_requests: int | None = Field(None, ge=0, description="default per-tenant quota: generation requests in flight")
 
     @field_validator("targets")
     @classmethod
@@ -77,11 +87,35 @@ class HttpConfig:
 
 
 @dataclass(frozen=True)
+class TenancyConfig:
+    database_url: str
+    admin_key: str | None = field(default=None, repr=False)
+    default_quota: Quota = field(default_factory=Quota)
+    open_allowed: bool = True  # open mode (no keys) only on loopback, unless --insecure-open
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig
     engine: EngineConfig
     http: HttpConfig
     store: str
+    tenancy: TenancyConfig = field(default_factory=lambda: TenancyConfig("sqlite:///:memory:"))
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def default_database_url(store: str) -> str:
+    return "sqlite:///" + os.path.join(os.path.abspath(store), "svdserve.db")
 
 
 def resolve_device(device: str) -> str:
@@ -127,7 +161,11 @@ def arg_parser() -> argparse.ArgumentParser:
         choices = None
         if name in ("dtype", "merge_policy", "log_level"):
             choices = list(get_args(field.annotation))
-        p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, choices=choices,
+        flag = "--" + name.replace("_", "-")
+        if field.annotation is bool:  # a switch: --insecure-open
+            p.add_argument(flag, dest=name, default=None, action="store_const", const=True, help=field.description)
+            continue
+        p.add_argument(flag, dest=name, default=None, choices=choices,
                        metavar=None if choices else name.upper(), help=field.description)
     return p
 
@@ -158,4 +196,9 @@ def build_config(s: Settings) -> Config:
                             merge_policy=s.merge_policy),
         http=HttpConfig(host=s.host, port=s.port, log_level=s.log_level, max_adapter_bytes=s.max_adapter_bytes),
         store=s.store,
+        tenancy=TenancyConfig(
+            database_url=s.database_url or default_database_url(s.store), admin_key=s.admin_key or None,
+            default_quota=Quota(s.quota_max_adapters, s.quota_max_storage_bytes, s.quota_requests_per_minute,
+                                s.quota_tokens_per_minute, s.quota_max_concurrent_requests),
+            open_allowed=s.insecure_open or is_loopback(s.host)),
     )

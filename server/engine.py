@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +22,7 @@ from server.model_runner import ModelRunner
 from server.residency import Residency
 from server.scheduler import QueueFull, Scheduler, SchedulerOutput
 from server.sequence import Detokenizer, SampledToken, SamplingParams, Sequence, Status
-from server.store import AdapterStore
+from server.store import AdapterStore, qualified
 
 __all__ = ["Engine", "GenerationRequest", "QueueFull", "RequestOutput", "SamplingParams", "TokenLogprob"]
 log = logging.getLogger(__name__)
@@ -33,7 +33,8 @@ class GenerationRequest:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    adapter_id: str | None = None  # None = base model
+    adapter_id: str | None = None  # `tenant/id` (a plain id is the default tenant's); None = base model
+    tenant: str = ""  # whose request: fair admission takes turns across tenants ("" = open mode)
 
 
 @dataclass
@@ -67,13 +68,14 @@ def eos_ids(tokenizer, model: torch.nn.Module) -> set[int]:
 
 class Engine:
     def __init__(self, config: EngineConfig, model: AdaptedModel, tokenizer, store: AdapterStore,
-                 seed: int | None = None):
+                 seed: int | None = None, weight: Callable[[str], int] | None = None):
+        """`weight(tenant)` is a tenant's share in fair admission (default 1 each); it must not block."""
         self.config, self.model, self.tokenizer, self.store = config, model, tokenizer, store
         self.vocab_size = model.model.config.vocab_size
         self.residency = Residency(model, config.merge_policy, config.max_resident_adapters)
         self.scheduler = Scheduler(max_batch_size=config.max_batch_size, max_model_len=config.max_model_len,
                                    max_queue=config.max_queue, eos_ids=eos_ids(tokenizer, model.model),
-                                   slots=self.residency)
+                                   slots=self.residency, weight=weight)
         self.runner = ModelRunner(model, self.residency, config.max_batch_size, config.max_model_len, seed)
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -141,8 +143,8 @@ class Engine:
     def _fail_running(self) -> None:
         # the queue head too: if admitting it is what fails (e.g. loading its adapter), it would fail forever
         with self._lock:
-            ids = [s.request_id for s in self.scheduler.running] + [s.request_id for s in
-                                                                    list(self.scheduler.waiting)[:1]]
+            waiting = self.scheduler.waiting
+            ids = [s.request_id for s in self.scheduler.running] + ([waiting.peek().request_id] if waiting else [])
         for request_id in ids:
             self.abort(request_id)
 
@@ -187,21 +189,22 @@ class Engine:
         key = adapter = None
         if req.adapter_id is not None:
             stored = self.store.get(req.adapter_id)  # the version is fixed here
-            key, adapter = (req.adapter_id, stored.version), stored.adapter
+            key, adapter = (stored.info.name, stored.version), stored.adapter
         decode = lambda t: self.tokenizer.decode(t, skip_special_tokens=True)  # noqa: E731
         return Sequence(request_id=req.request_id, prompt_ids=list(ids), params=p,
-                        detok=Detokenizer(decode, ids), adapter_key=key, adapter=adapter)
+                        detok=Detokenizer(decode, ids), adapter_key=key, adapter=adapter, tenant=req.tenant)
 
     def abort(self, request_id: str) -> None:
         with self._lock:
             self.scheduler.abort(request_id)
         self._wake.set()
 
-    def forget_adapter(self, adapter_id: str) -> None:
+    def forget_adapter(self, name: str) -> None:
+        """Unload every resident version of the adapter `tenant/id` (or a default-tenant id)."""
         # the adapter banks are inference tensors (made in the step thread): clearing them needs inference
         # mode in the caller's thread too
         with self._lock, torch.inference_mode():
-            self.residency.forget(adapter_id)
+            self.residency.forget(qualified(name))
 
     def stats(self) -> dict[str, float | int]:
         with self._lock:

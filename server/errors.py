@@ -13,11 +13,13 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters.file import AdapterFormatError
-from server.store import AdapterNotFound, InvalidAdapterId
+from server.store import AdapterNotFound, InvalidAdapterId, StorageQuotaExceeded
+from server.tenancy.limiter import NeverAdmitted, RateLimited
+from server.tenancy.service import TenancyError
 
 log = logging.getLogger(__name__)
 
-TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
+TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error", 405: "invalid_request_error",
          409: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
          500: "server_error", 503: "server_error"}
 
@@ -25,9 +27,11 @@ TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_req
 class APIError(Exception):
     """An error the API answers as-is: status, message, and the OpenAI `param` and `code` fields."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
@@ -52,6 +56,14 @@ def as_api_error(exc: Exception) -> APIError:
         return APIError(400, str(exc), param="adapter_id", code="invalid_adapter_id")
     if isinstance(exc, AdapterFormatError):
         return APIError(400, f"invalid adapter: {exc}", code="invalid_adapter")
+    if isinstance(exc, StorageQuotaExceeded):
+        return APIError(403, str(exc), param=exc.param, code="quota_exceeded")
+    if isinstance(exc, RateLimited):
+        return APIError(429, str(exc), code="rate_limit_exceeded", headers={"Retry-After": str(exc.retry_after)})
+    if isinstance(exc, NeverAdmitted):
+        return APIError(400, str(exc), code="request_too_large")
+    if isinstance(exc, TenancyError):
+        return APIError(exc.status, str(exc), code=exc.code)
     if isinstance(exc, QueueFull):
         return APIError(429, str(exc) or "the request queue is full; retry later", code="queue_full")
     if isinstance(exc, ValueError):
@@ -74,7 +86,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.param, exc.code)
+        return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

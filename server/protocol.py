@@ -237,6 +237,8 @@ class AdapterInfoOut(BaseModel):
     bytes: int
     sha256: str
     description: str | None = None
+    owner: str | None = None  # the tenant that owns it
+    visibility: Literal["private", "public"] = "private"
 
 
 class ModelCard(BaseModel):

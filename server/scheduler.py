@@ -1,9 +1,10 @@
 """The scheduler: who runs in the next step, and what a step's results mean. Plain Python, no torch.
 
 Each step is either a *prefill* of newly admitted sequences or a *decode* of every running sequence
-(new requests are admitted as soon as there is room, then decode resumes; vLLM v0's policy). Admission is
-first come, first served and never overtakes: a request that cannot start (batch full, or every adapter
-slot pinned by running requests) waits at the head of the queue, and so does everything behind it.
+(new requests are admitted as soon as there is room, then decode resumes; vLLM v0's policy). Admission takes
+turns across tenants (weighted round-robin, `FairQueue`) and is first come, first served within a tenant, so
+one tenant flooding the queue cannot starve another. It never overtakes: a request that cannot start (batch
+full, or every adapter slot pinned by running requests) waits at the head, and so does everything behind it.
 
 KV-cache rows are kept dense: the running sequences occupy rows 0..n-1, so a decode step attends over one
 contiguous slice of the cache. When sequences finish, survivors from the top rows move into the holes; the
@@ -14,10 +15,11 @@ Thread-safety is the caller's: the engine calls every method under one lock.
 
 from __future__ import annotations
 
-from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from server.fair_queue import FairQueue
 from server.sequence import AdapterKey, SampledToken, Sequence, Status
 
 
@@ -56,11 +58,12 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, *, max_batch_size: int, max_model_len: int, max_queue: int, eos_ids: set[int],
-                 slots: AdapterSlots, max_prefill_tokens: int = 4096):
+                 slots: AdapterSlots, max_prefill_tokens: int = 4096,
+                 weight: Callable[[str], int] | None = None):
         self.max_batch_size, self.max_model_len, self.max_queue = max_batch_size, max_model_len, max_queue
         self.eos_ids, self.slots = frozenset(eos_ids), slots
         self.max_prefill_tokens = max_prefill_tokens  # padded prompt tokens per prefill step
-        self.waiting: deque[Sequence] = deque()
+        self.waiting = FairQueue(weight)  # weight(tenant): its share of admissions (default 1)
         self.running: list[Sequence] = []  # running[i].row == i
         self._abort_ids: set[str] = set()
         self._moves: list[tuple[int, int, int]] = []
@@ -97,7 +100,7 @@ class Scheduler:
     def _admit(self) -> list[Sequence]:
         new: list[Sequence] = []
         while self.waiting and len(self.running) < self.max_batch_size:
-            seq = self.waiting[0]
+            seq = self.waiting.peek()
             longest = max([len(seq.prompt_ids)] + [len(s.prompt_ids) for s in new])
             if new and longest * (len(new) + 1) > self.max_prefill_tokens:
                 break

@@ -76,6 +76,7 @@ class Sequence:
     detok: Detokenizer
     adapter_key: AdapterKey | None = None
     adapter: object | None = None  # the parsed adapter of that version, loaded into a slot on admission
+    tenant: str = ""  # whose request ("" = open single-tenant mode); fair admission takes turns by it
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[SampledToken] = field(default_factory=list)  # per output token, when requested
     status: Status = Status.WAITING

@@ -4,6 +4,9 @@
   (`python -m server --port <free> --store <tmp> --cache-dir <repo>/.cache/factors`), ready when /health answers.
 * `tiny_chat_base`: a tiny random Llama with a character-level tokenizer and a chat template — a BaseModel that
   the server, the engine and the runtime accept like the real one, built in well under a second.
+* `postgres`: a throwaway PostgreSQL server (tests/postgres.py), started once per session: `.url` is
+  `postgresql+psycopg://postgres@127.0.0.1:PORT/svdserve`, `.new_database(name=None)` the URL of a fresh empty
+  database. Skipped where the server binaries are missing (`make services` installs them); under CI, an error.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.postgres import PostgresServer, find_pg_bin
 
 REPO = Path(__file__).resolve().parents[1]
 FACTOR_CACHE = REPO / ".cache" / "factors"
@@ -136,3 +141,23 @@ def tiny_chat_model(seed: int = 0):
 @pytest.fixture
 def tiny_chat_base():
     return tiny_chat_model()
+
+
+# ---- a throwaway PostgreSQL server ---------------------------------------------------------------------
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL server of its own for the session; `.url` is the `svdserve` database, `.new_database()` a
+    fresh empty one per test that needs it."""
+    bin_dir = find_pg_bin()
+    if bin_dir is None:
+        if _in_ci():
+            pytest.fail("PostgreSQL server binaries (initdb, pg_ctl, postgres) not found: CI must install them "
+                        "(`make services` installs Debian's postgresql-15)", pytrace=False)
+        pytest.skip("PostgreSQL server binaries not found: apt-get install postgresql-15")
+    with PostgresServer(bin_dir) as pg:
+        yield pg

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request
 from server.api import generation
 from server.api.deps import EngineDep, ServedDep, StoreDep, TokenizerDep
 from server.api.generation import Run, usage
+from server.api.metering import Meter, MeterDep
 from server.api.inputs import chat_prompt, completion_tokens, resolve_adapter, sampling_params
 from server.api.streaming import DONE, event, sse
 from server.engine import Engine, TokenLogprob
@@ -23,18 +24,22 @@ log = logging.getLogger(__name__)
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse)
 async def chat_completions(req: ChatCompletionRequest, engine: EngineDep, store: StoreDep,
-                           tokenizer: TokenizerDep, served: ServedDep, request: Request):
+                           tokenizer: TokenizerDep, served: ServedDep, meter: MeterDep, request: Request):
     """OpenAI chat completion; `stream: true` answers `chat.completion.chunk` events ending with `[DONE]`."""
-    adapter = resolve_adapter(req, served, store)
+    adapter = await resolve_adapter(req, served, store, meter.principal, meter.tenancy)
     prompt = chat_prompt(req, tokenizer)
     max_tokens = completion_tokens(req, req.max_completion_tokens or req.max_tokens, len(prompt),
                                    served.max_model_len)
+    meter.charge([prompt], max_tokens, req.n)
+    meter.adapter = adapter.name if adapter else None
     top = (req.top_logprobs or 0) if req.logprobs else None
     rid = new_id("chatcmpl")
-    runs = await generation.start(engine, [prompt], sampling_params(req, max_tokens, top), adapter, req.n, rid)
-    model = adapter or served.name
+    runs = await generation.start(engine, [prompt], sampling_params(req, max_tokens, top), meter.adapter, req.n,
+                                  rid, meter.principal.tenant)
+    model = adapter.shown if adapter else served.name
     if req.stream:
-        return sse(_stream(engine, runs, req, rid, model))
+        meter.streaming = True
+        return sse(_stream(engine, runs, req, rid, model, meter))
     results = sorted(await generation.collect_all(engine, runs, request.is_disconnected), key=lambda r: r.index)
     ids = req.return_token_ids
     choices = [ChatChoice(index=r.index, message=AssistantMessage(content=r.text), finish_reason=r.finish_reason,
@@ -42,7 +47,8 @@ async def chat_completions(req: ChatCompletionRequest, engine: EngineDep, store:
                           prompt_token_ids=r.prompt_token_ids if ids else None, token_ids=r.token_ids if ids else None)
                for r in results]
     counts = {r.index: (r.prompt_tokens, r.completion_tokens) for r in results}
-    return ChatCompletionResponse(id=rid, created=now(), model=model, choices=choices, usage=usage(counts, req.n))
+    await meter.close(used := usage(counts, req.n))
+    return ChatCompletionResponse(id=rid, created=now(), model=model, choices=choices, usage=used)
 
 
 def _logprobs(lps: list[TokenLogprob] | None) -> ChatLogprobs:
@@ -54,8 +60,8 @@ def _logprobs(lps: list[TokenLogprob] | None) -> ChatLogprobs:
         for lp in lps or []])
 
 
-async def _stream(engine: Engine, runs: list[Run], req: ChatCompletionRequest, rid: str,
-                  model: str) -> AsyncIterator[str]:
+async def _stream(engine: Engine, runs: list[Run], req: ChatCompletionRequest, rid: str, model: str,
+                  meter: Meter) -> AsyncIterator[str]:
     created, counts = now(), {}
 
     def chunk(choices: list[ChatChunkChoice], **kw) -> str:
@@ -79,4 +85,5 @@ async def _stream(engine: Engine, runs: list[Run], req: ChatCompletionRequest, r
         yield event(generation.stream_error(exc))
     finally:
         await generation.close(engine, runs)
+        await meter.close(usage(counts, req.n))
     yield DONE

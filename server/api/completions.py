@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request
 from server.api import generation
 from server.api.deps import EngineDep, ServedDep, StoreDep, TokenizerDep
 from server.api.generation import Run, usage
+from server.api.metering import Meter, MeterDep
 from server.api.inputs import completion_prompts, resolve_adapter, sampling_params
 from server.api.streaming import DONE, event, sse
 from server.engine import Engine, TokenLogprob
@@ -21,16 +22,19 @@ log = logging.getLogger(__name__)
 
 @router.post("/v1/completions", response_model=CompletionResponse)
 async def completions(req: CompletionRequest, engine: EngineDep, store: StoreDep, tokenizer: TokenizerDep,
-                      served: ServedDep, request: Request):
+                      served: ServedDep, meter: MeterDep, request: Request):
     """OpenAI text completion; `stream: true` answers server-sent events ending with `data: [DONE]`."""
-    adapter = resolve_adapter(req, served, store)
+    adapter = await resolve_adapter(req, served, store, meter.principal, meter.tenancy)
     prompts = completion_prompts(req, tokenizer)
+    meter.charge(prompts, req.max_tokens, req.n)
+    meter.adapter = adapter.name if adapter else None
     params = sampling_params(req, req.max_tokens, req.logprobs)
     rid = new_id("cmpl")
-    runs = await generation.start(engine, prompts, params, adapter, req.n, rid)
-    model = adapter or served.name
+    runs = await generation.start(engine, prompts, params, meter.adapter, req.n, rid, meter.principal.tenant)
+    model = adapter.shown if adapter else served.name
     if req.stream:
-        return sse(_stream(engine, runs, req, rid, model))
+        meter.streaming = True
+        return sse(_stream(engine, runs, req, rid, model, meter))
     results = sorted(await generation.collect_all(engine, runs, request.is_disconnected), key=lambda r: r.index)
     ids = req.return_token_ids
     choices = [CompletionChoice(index=r.index, text=r.text, finish_reason=r.finish_reason,
@@ -39,7 +43,8 @@ async def completions(req: CompletionRequest, engine: EngineDep, store: StoreDep
                                 token_ids=r.token_ids if ids else None)
                for r in results]
     counts = {r.index: (r.prompt_tokens, r.completion_tokens) for r in results}
-    return CompletionResponse(id=rid, created=now(), model=model, choices=choices, usage=usage(counts, req.n))
+    await meter.close(used := usage(counts, req.n))
+    return CompletionResponse(id=rid, created=now(), model=model, choices=choices, usage=used)
 
 
 def _logprobs(lps: list[TokenLogprob] | None, offset: int) -> CompletionLogprobs:
@@ -53,8 +58,8 @@ def _logprobs(lps: list[TokenLogprob] | None, offset: int) -> CompletionLogprobs
     return out
 
 
-async def _stream(engine: Engine, runs: list[Run], req: CompletionRequest, rid: str,
-                  model: str) -> AsyncIterator[str]:
+async def _stream(engine: Engine, runs: list[Run], req: CompletionRequest, rid: str, model: str,
+                  meter: Meter) -> AsyncIterator[str]:
     created, offsets, counts = now(), {r.index: 0 for r in runs}, {}
     try:
         async for run, out in generation.interleave(runs):
@@ -74,4 +79,5 @@ async def _stream(engine: Engine, runs: list[Run], req: CompletionRequest, rid: 
         yield event(generation.stream_error(exc))
     finally:
         await generation.close(engine, runs)
+        await meter.close(usage(counts, req.n))
     yield DONE

@@ -52,14 +52,15 @@ async def _prime(run: Run) -> None:
 
 
 async def start(engine: Engine, prompts: list[list[int]], params: SamplingParams, adapter_id: str | None,
-                n: int, request_id: str) -> list[Run]:
-    """Submit n runs per prompt (seed, seed+1, ... per choice) and prime them together."""
+                n: int, request_id: str, tenant: str = "") -> list[Run]:
+    """Submit n runs per prompt (seed, seed+1, ... per choice) and prime them together. `adapter_id` is the
+    canonical `tenant/id`; `tenant` is whose request it is (fair admission)."""
     runs = []
     for p, ids in enumerate(prompts):
         for i in range(n):
             seeded = params if params.seed is None or i == 0 else _with_seed(params, params.seed + i)
             req = GenerationRequest(request_id=f"{request_id}-{p * n + i}", prompt_token_ids=ids,
-                                    params=seeded, adapter_id=adapter_id)
+                                    params=seeded, adapter_id=adapter_id, tenant=tenant)
             runs.append(Run(index=p * n + i, request=req, outputs=engine.generate(req)))
     results = await asyncio.gather(*(_prime(r) for r in runs), return_exceptions=True)
     errors = [e for e in results if isinstance(e, BaseException)]

@@ -4,35 +4,45 @@ from __future__ import annotations
 
 from typing import Any
 
+from starlette.concurrency import run_in_threadpool
+
+from server.api.auth import Tenancy
 from server.api.deps import Served
 from server.engine import SamplingParams
 from server.errors import APIError
 from server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
-from server.store import AdapterStore, InvalidAdapterId, check_id
+from server.store import AdapterNotFound, AdapterStore, InvalidAdapterId
+from server.tenancy.access import Resolved, resolve
+from server.tenancy.service import Principal
 
 
-def resolve_adapter(req: SamplingFields, served: Served, store: AdapterStore) -> str | None:
-    """The adapter a request names (`adapter_id`, else `model` when it is not the base model), or None.
+async def resolve_adapter(req: SamplingFields, served: Served, store: AdapterStore, principal: Principal,
+                          tenancy: Tenancy) -> Resolved | None:
+    """The adapter a request names (`adapter_id`, else `model` when it is not the base model), resolved for
+    the caller, or None for the base model.
 
-    An adapter that is not in the store is a 404: a request for an adapter is never served by the base model.
+    An adapter that is not in the store, or that the caller may not use, is a 404: a request for an adapter is
+    never served by the base model, and another tenant's adapter looks exactly like a missing one.
     """
     if req.adapter_id is not None:
-        try:
-            adapter = check_id(req.adapter_id)
-        except InvalidAdapterId as exc:
-            raise APIError(400, str(exc), param="adapter_id", code="invalid_adapter_id") from None
-        if req.model not in (None, "", served.name, adapter):
-            raise APIError(400, f"model {req.model!r} and adapter_id {adapter!r} disagree: set model to the "
+        name, param = req.adapter_id, "adapter_id"
+        if req.model not in (None, "", served.name, name):
+            raise APIError(400, f"model {req.model!r} and adapter_id {name!r} disagree: set model to the "
                                 f"base model {served.name!r} or to the adapter id", param="model")
-        param = "adapter_id"
     elif req.model and req.model != served.name:
-        adapter, param = req.model, "model"
+        name, param = req.model, "model"
     else:
         return None
-    if not store.exists(adapter):
-        raise APIError(404, f"{param} {adapter!r} is neither the base model {served.name!r} nor a stored "
+    try:
+        ref = await run_in_threadpool(resolve, principal, name, write=False, is_public=tenancy.service.is_public)
+    except InvalidAdapterId as exc:
+        raise APIError(400, str(exc), param=param, code="invalid_adapter_id") from None
+    except AdapterNotFound:
+        ref = None
+    if ref is None or not await run_in_threadpool(store.exists, ref.name):
+        raise APIError(404, f"{param} {name!r} is neither the base model {served.name!r} nor a stored "
                             "adapter (see GET /v1/models)", param=param, code="adapter_not_found")
-    return adapter
+    return ref
 
 
 def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:

@@ -1,20 +1,24 @@
-"""GET /v1/models: the base model first, then every stored adapter (OpenAI's list shape)."""
+"""GET /v1/models: the base model first, then every adapter the caller may use (OpenAI's list shape)."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
+from server.api.auth import CurrentPrincipal, TenancyDep
 from server.api.deps import ServedDep, StoreDep
 from server.protocol import ModelCard
+from server.tenancy.access import shown_name, visible
 
 router = APIRouter()
 
 
 @router.get("/v1/models")
-async def list_models(served: ServedDep, store: StoreDep) -> dict:
+async def list_models(served: ServedDep, store: StoreDep, principal: CurrentPrincipal, tenancy: TenancyDep) -> dict:
+    """Adapters appear under the name the caller uses for them: a plain id for its own, `owner/id` otherwise."""
     cards = [ModelCard(id=served.name, created=served.created, root=served.name)]
-    for info in await run_in_threadpool(store.list):
-        cards.append(ModelCard(id=info.id, created=served.created, root=served.name, parent=served.name,
-                               method=info.method, rank=info.rank))
+    public = await run_in_threadpool(tenancy.service.public_adapters)
+    for info in await run_in_threadpool(visible, principal, store, public):
+        cards.append(ModelCard(id=shown_name(principal, info.tenant, info.id), created=served.created,
+                               root=served.name, parent=served.name, method=info.method, rank=info.rank))
     return {"object": "list", "data": [c.model_dump() for c in cards]}
