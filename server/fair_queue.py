@@ -21,6 +21,7 @@ class FairQueue:
         self._queues: dict[str, deque[Sequence]] = {}
         self._turns: deque[str] = deque()  # tenants with waiting requests; the head has the turn
         self._served = 0  # admissions the head tenant has had in its current turn
+        self._turn = 1  # the head tenant's weight, read at the first admission of its turn
         self._len = 0
 
     def __len__(self) -> int:
@@ -53,12 +54,14 @@ class FairQueue:
         tenant = self._turns[0] if self._turns else None
         if tenant is None:
             raise IndexError("pop from an empty FairQueue")
+        if self._served == 0:
+            self._turn = max(1, self.weight(tenant))
         seq = self._queues[tenant].popleft()
         self._len -= 1
         self._served += 1
         if not self._queues[tenant]:
             self._drop(tenant)
-        elif self._served >= max(1, self.weight(tenant)):
+        elif self._served >= self._turn:
             self._turns.rotate(-1)
             self._served = 0
         return seq

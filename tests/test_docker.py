@@ -42,6 +42,20 @@ def test_compose_services_build_and_run_the_server(compose):
         assert any(p.endswith(":8000") for p in svc["ports"])
 
 
+def test_compose_reads_the_admin_key_from_an_env_file(compose):
+    from server.config import settings_from_env
+
+    example = DOCKER / "svdserve.env.example"
+    values = dict(line.split("=", 1) for line in example.read_text().splitlines()
+                  if line.strip() and not line.startswith("#"))
+    assert "SVDSERVE_ADMIN_KEY" in values
+    settings_from_env(values)  # every variable is one the server knows
+    for name, svc in compose["services"].items():
+        files = [e["path"] if isinstance(e, dict) else e for e in svc["env_file"]]
+        assert files == ["./svdserve.env"], name  # the example copied there; listening on 0.0.0.0 needs a key
+        assert (DOCKER / files[0]).with_suffix(".env.example").name == example.name
+
+
 def test_gpu_profile_reserves_a_device(compose):
     gpu = compose["services"]["server-gpu"]
     assert gpu["profiles"] == ["gpu"]

@@ -30,7 +30,7 @@ async def chat_completions(req: ChatCompletionRequest, engine: EngineDep, store:
     prompt = chat_prompt(req, tokenizer)
     max_tokens = completion_tokens(req, req.max_completion_tokens or req.max_tokens, len(prompt),
                                    served.max_model_len)
-    meter.charge([prompt], max_tokens, req.n)
+    meter.charge([prompt], req.max_completion_tokens or req.max_tokens, req.n)  # unset: settled at the end
     meter.adapter = adapter.name if adapter else None
     top = (req.top_logprobs or 0) if req.logprobs else None
     rid = new_id("chatcmpl")

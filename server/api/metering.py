@@ -34,7 +34,8 @@ class Meter:
     closed: bool = False
 
     def charge(self, prompts: list[list[int]], max_tokens: int | None, n: int) -> None:
-        """Take the most this request can use from the tokens-per-minute budget (429 / 400)."""
+        """Take the most this request can use from the tokens-per-minute budget (429 / 400); with no
+        max_tokens from the client, only the prompt — `close()` settles against the tokens used."""
         if self.lease is None:
             return
         try:

@@ -2,8 +2,9 @@
 minute (full at start, refilled continuously, as OpenAI's limits behave) and a count of requests in flight.
 
 A generation request takes a `Lease`: `begin()` takes one request from the request bucket and a concurrency
-place, `charge()` takes its token estimate (prompt tokens + max_tokens per choice) before it runs, `end()` gives
-back the part of the estimate it did not use and its concurrency place. A lease that is never ended (a stream
+place, `charge()` takes its token estimate (prompt tokens + max_tokens per choice, or the prompt alone when the client
+set no max_tokens) before it runs, `end()` settles the estimate against the tokens used and gives back the
+concurrency place. A lease that is never ended (a stream
 whose generator never ran) gives its place back when it is garbage-collected.
 """
 
@@ -129,7 +130,9 @@ class RateLimiter:
             if st is None:
                 return
             st.in_flight = max(0, st.in_flight - 1)
-            if used is not None and used < charged and quota.tokens_per_minute is not None:
+            if used is not None and used != charged and quota.tokens_per_minute is not None:
+                # settle: give back what the estimate overcharged, or take what it missed (the bucket may go
+                # below zero, and the tenant's next requests wait for it to refill)
                 st.tokens.level = min(float(quota.tokens_per_minute), st.tokens.level + charged - used)
 
     def headers(self, tenant: str, quota: Quota) -> dict[str, str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from server.fair_queue import FairQueue
 from server.scheduler import QueueFull, Scheduler
 from server.sequence import Detokenizer, SampledToken, SamplingParams, Sequence, Status
 
@@ -31,9 +32,11 @@ def chars(ids: list[int]) -> str:
     return "".join(chr(96 + i) for i in ids if i != EOS)  # 2 -> 'b', 3 -> 'c', ...
 
 
-def seq(i: int, n_prompt: int = 3, **params) -> Sequence:
+def seq(i: int, n_prompt: int = 3, tenant: str = "", **params) -> Sequence:
+    """Request "r{i}" in open mode (tenant ""), else "{tenant}{i}" (tenant "A", i 0 -> "A0")."""
     prompt = list(range(2, 2 + n_prompt))
-    return Sequence(f"r{i}", prompt, SamplingParams(**params), Detokenizer(chars, prompt))
+    return Sequence(f"{tenant or 'r'}{i}", prompt, SamplingParams(**params), Detokenizer(chars, prompt),
+                    tenant=tenant)
 
 
 def sched(**kw) -> Scheduler:
@@ -154,3 +157,157 @@ def test_detokenizer_holds_incomplete_characters():
     euro = list("€".encode())
     assert d.step(euro[0]) == "" and d.step(euro[1]) == "" and d.step(euro[2]) == "€"
     assert d.step(ord("b")) == "b"
+
+
+# ---- fair admission across tenants ------------------------------------------------------------------
+
+def add_all(s: Scheduler | FairQueue, arrivals: str, **params) -> list[Sequence]:
+    """One request per letter, in that order: "ABA" -> A0, B0, A1 ("-" is open mode: r0, r1, ...)."""
+    counts: dict[str, int] = {}
+    seqs = []
+    for t in arrivals:
+        tenant = "" if t == "-" else t
+        seqs.append(seq(counts.get(tenant, 0), tenant=tenant, **params))
+        counts[tenant] = counts.get(tenant, 0) + 1
+        s.add(seqs[-1]) if isinstance(s, Scheduler) else s.append(seqs[-1])
+    return seqs
+
+
+def prefills(s: Scheduler, steps: int | None = None) -> list[list[str]]:
+    """Run `steps` steps (None: until idle), the sequences sampling 5 at their prefill and EOS at their first
+    decode; the request ids of each prefill, in order."""
+    out = []
+    for _ in range(steps if steps is not None else 1000):
+        if steps is None and not s.has_work:
+            return out
+        sched_out, _ = step(s, {q.request_id: EOS for q in s.running})
+        if sched_out.prefill:
+            out.append([q.request_id for q in sched_out.seqs])
+    assert steps is not None, f"still busy after 1000 steps: {out}"
+    return out
+
+
+def test_a_flood_from_one_tenant_does_not_starve_another():
+    """The issue's acceptance test: tenant A has 200 requests waiting, then B sends one. With a batch of 4, B
+    is in the first prefill after it arrives: the running A requests finish, and of the 4 freed rows B gets one."""
+    s = sched(max_batch_size=4, max_queue=256)
+    add_all(s, "A" * 200, max_tokens=8)
+    out, _ = step(s, {})
+    assert out.prefill and [q.request_id for q in out.seqs] == ["A0", "A1", "A2", "A3"]
+    assert len(s.waiting) == 196
+    add_all(s, "B", max_tokens=8)
+    out, _ = step(s, {q.request_id: EOS for q in s.running})  # batch full: decode, and all four finish
+    assert not out.prefill and not s.running
+    out, _ = step(s, {})
+    assert out.prefill and [q.request_id for q in out.seqs] == ["A4", "B0", "A5", "A6"]
+    assert s.waiting.tenants() == ["A"] and len(s.waiting) == 193
+
+
+@pytest.mark.parametrize("arrivals, weights, batch, order", [
+    ("AAABBBCCC", {}, 1, "A0 B0 C0 A1 B1 C1 A2 B2 C2"),  # three tenants take turns
+    ("AAABBBCCC", {}, 9, "A0 B0 C0 A1 B1 C1 A2 B2 C2"),  # ... also within one prefill
+    ("AAAABB", {"A": 2}, 1, "A0 A1 B0 A2 A3 B1"),  # weights 2:1
+    ("AAAAAAB", {"A": 2}, 1, "A0 A1 B0 A2 A3 A4 A5"),  # once B has no more, A runs on alone
+    ("BBBAAAAAA", {"A": 3, "B": 1}, 1, "B0 A0 A1 A2 B1 A3 A4 A5 B2"),
+    ("AAABB", {"A": 0}, 1, "A0 B0 A1 B1 A2"),  # a weight of 0 or less counts as 1
+    ("ABBABAB", {}, 1, "A0 B0 A1 B1 A2 B2 B3"),  # first come, first served within a tenant
+    ("BAAAAB", {}, 2, "B0 A0 B1 A1 A2 A3"),
+    ("-----", {}, 1, "r0 r1 r2 r3 r4"),  # open mode (one tenant, ""): plain FCFS, as before
+    ("--A-A", {}, 1, "r0 A0 r1 A1 r2"),
+])
+def test_admission_order(arrivals, weights, batch, order):
+    s = sched(max_batch_size=batch, max_queue=16, weight=lambda t: weights.get(t, 1))
+    add_all(s, arrivals, max_tokens=8)
+    admitted = [r for p in prefills(s) for r in p]
+    assert admitted == order.split()
+    for tenant in set(arrivals):  # FIFO within each tenant, whatever the interleaving
+        mine = [int(r[1:]) for r in admitted if r[0] == ("r" if tenant == "-" else tenant)]
+        assert mine == sorted(mine)
+
+
+def test_weights_are_read_when_a_turn_starts():
+    weights = {"A": 3}
+    s = sched(max_batch_size=1, max_queue=16, weight=lambda t: weights.get(t, 1))
+    add_all(s, "AAAAAAABB", max_tokens=8)
+    admitted = [r for p in prefills(s, steps=2) for r in p]  # A0 admitted, and finishes
+    weights["A"] = 1  # A's current turn keeps its 3; the next one has 1
+    admitted += [r for p in prefills(s) for r in p]
+    assert admitted == "A0 A1 A2 B0 A3 B1 A4 A5 A6".split()
+
+
+@pytest.mark.parametrize("aborts, order", [
+    ("B0", "A0 B1 C0 A1 C1"),
+    ("C0 C1", "A0 B0 A1 B1"),  # C leaves the rotation
+    ("A0", "A1 B0 C0 B1 C1"),
+    ("A1 B1 C1", "A0 B0 C0"),
+    ("X0", "A0 B0 C0 A1 B1 C1"),  # unknown id: nothing happens
+])
+def test_aborting_a_waiting_request_keeps_the_others_order(aborts, order):
+    s = sched(max_batch_size=1, max_queue=16)
+    add_all(s, "AABBCC", max_tokens=8)
+    for r in aborts.split():
+        s.abort(r)
+    out = s.schedule()
+    assert sorted(q.request_id for q in out.aborted) == sorted(set(aborts.split()) - {"X0"})
+    assert all(q.finish_reason == "abort" for q in out.aborted)
+    s.update(out, [SampledToken(EOS) for _ in out.seqs])
+    admitted = [q.request_id for q in out.seqs] + [r for p in prefills(s) for r in p]
+    assert admitted == order.split()
+
+
+@pytest.mark.parametrize("aborts, order", [
+    ("C0 B2", "C1 A1 B1 C2 A2"),  # C0 was next: C's turn goes to C1; B leaves after B1
+    ("C0 C1 C2", "A1 B1 A2 B2"),  # C, whose turn it was, leaves: the turn passes on to A
+    ("A1 A2", "C0 B1 C1 B2 C2"),
+])
+def test_aborting_mid_rotation(aborts, order):
+    s = sched(max_batch_size=1, max_queue=16)
+    add_all(s, "AAABBBCCC", max_tokens=8)
+    assert prefills(s, steps=4) == [["A0"], ["B0"]]  # each prefilled, then finished
+    for r in aborts.split():
+        s.abort(r)
+    assert [r for p in prefills(s) for r in p] == order.split()
+
+
+@pytest.mark.parametrize("arrivals, limit, expected", [
+    # (tenant, prompt length) per arrival; the head never gets overtaken, so a long prompt that does not fit
+    # the prefill token budget ends the prefill, even where the next tenant's short prompt would fit
+    ([("A", 3), ("B", 10), ("A", 3)], 12, [["A0"], ["B0"], ["A1"]]),
+    ([("A", 3), ("B", 10), ("A", 3)], 30, [["A0", "B0", "A1"]]),
+    ([("A", 3), ("A", 10), ("B", 3)], 12, [["A0", "B0"], ["A1"]]),
+])
+def test_the_head_is_never_overtaken(arrivals, limit, expected):
+    s = sched(max_batch_size=4, max_queue=16, max_prefill_tokens=limit)
+    counts: dict[str, int] = {}
+    for tenant, n in arrivals:
+        s.add(seq(counts.get(tenant, 0), n_prompt=n, tenant=tenant, max_tokens=8))
+        counts[tenant] = counts.get(tenant, 0) + 1
+    assert prefills(s) == expected
+
+
+def test_fair_queue():
+    q = FairQueue(lambda t: {"A": 2}.get(t, 1))
+    assert not q and len(q) == 0 and q.tenants() == [] and list(q) == []
+    with pytest.raises(IndexError):
+        q.peek()
+    with pytest.raises(IndexError):
+        q.popleft()
+    a0, a1, b0, a2, c0, b1 = add_all(q, "AABACB")
+    assert len(q) == 6 and q and q.tenants() == ["A", "B", "C"]
+    assert [s.request_id for s in q] == ["A0", "A1", "A2", "B0", "B1", "C0"]  # rotation order, FIFO in each
+    assert (q.count("A"), q.count("B"), q.count("C"), q.count("D")) == (3, 2, 1, 0)
+    assert q.peek() is q.popleft() is a0 and q.peek() is q.popleft() is a1  # A's turn: 2 admissions
+    assert q.tenants() == ["B", "C", "A"] and [s.request_id for s in q] == ["B0", "B1", "C0", "A2"]
+    q.remove(c0)  # C leaves the rotation
+    assert q.tenants() == ["B", "A"] and q.count("C") == 0
+    with pytest.raises(ValueError):
+        q.remove(c0)
+    with pytest.raises(ValueError):
+        q.remove(a0)  # admitted, so no longer waiting
+    q.append(c1 := seq(1, tenant="C"))  # C joins again, at the end
+    assert q.tenants() == ["B", "A", "C"]
+    order = []
+    while q:
+        assert q.peek() is (s := q.popleft())
+        order.append(s)
+    assert order == [b0, a2, c1, b1] and len(q) == 0 and q.tenants() == []

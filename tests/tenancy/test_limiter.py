@@ -44,6 +44,14 @@ def test_tokens_are_charged_before_and_refunded_after():
     assert lim.headers("a", q)["x-ratelimit-remaining-tokens"] == "20"
     lease.end(used_tokens=30)  # 50 of the estimate were not used
     assert lim.headers("a", q)["x-ratelimit-remaining-tokens"] == "70"
+    under = lim.begin("a", q)
+    under.charge(10)
+    under.end(used_tokens=90)  # the estimate missed 80: the bucket goes below zero
+    assert lim.headers("a", q)["x-ratelimit-remaining-tokens"] == "0"
+    with pytest.raises(RateLimited) as exc:
+        lim.begin("a", q).charge(1)
+    assert exc.value.retry_after == 13  # 70 - 10 + 10 - 90 = -20: 21 tokens at 100/60 a second
+    clock.t += 13
     with pytest.raises(RateLimited):
         lim.begin("a", q).charge(71)
     with pytest.raises(NeverAdmitted):
