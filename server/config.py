@@ -41,6 +41,11 @@ class Settings(BaseSettings):
     merge_policy: MergePolicy = Field("auto", description="never | auto | always: merge one adapter into the weights")
     targets: str = Field("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", description="adapted linear layers")
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field("info", description="log level")
+    max_request_bytes: int = Field(4 * 2**20, ge=1024, description="largest JSON request body accepted (bytes)")
+    max_upload_bytes_in_flight: int = Field(1024 * 2**20, ge=1024, description="adapter bytes being uploaded at once, all clients together; more: 503 with Retry-After")
+    upload_timeout_seconds: float = Field(30.0, gt=0, description="an upload that sends nothing for this long is dropped")
+    parsed_adapter_cache_bytes: int = Field(512 * 2**20, ge=0, description="parsed adapters kept in host memory (LRU, bytes)")
+    shutdown_grace_seconds: float = Field(10.0, ge=0, description="on SIGTERM, how long running requests may finish before their streams are ended")
     admin_key: str | None = Field(None, description="the admin's API key (better: SVDSERVE_ADMIN_KEY); none: keys from the database only")
     database_url: str | None = Field(None, description="tenants' database: sqlite:///PATH or postgresql://... (default: sqlite in the store)")
     insecure_open: bool = Field(False, description="allow open mode (no keys) on a non-loopback address")
@@ -84,6 +89,10 @@ class HttpConfig:
     port: int
     log_level: str
     max_adapter_bytes: int
+    max_request_bytes: int = 4 * 2**20
+    max_upload_bytes_in_flight: int = 1024 * 2**20
+    upload_timeout_seconds: float = 30.0
+    shutdown_grace_seconds: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -100,6 +109,7 @@ class Config:
     engine: EngineConfig
     http: HttpConfig
     store: str
+    parsed_adapter_cache_bytes: int = 512 * 2**20
     tenancy: TenancyConfig = field(default_factory=lambda: TenancyConfig("sqlite:///:memory:"))
 
 
@@ -194,7 +204,11 @@ def build_config(s: Settings) -> Config:
         engine=EngineConfig(max_batch_size=s.max_batch_size, max_model_len=s.max_model_len,
                             max_queue=s.max_queue, max_resident_adapters=s.max_resident_adapters,
                             merge_policy=s.merge_policy),
-        http=HttpConfig(host=s.host, port=s.port, log_level=s.log_level, max_adapter_bytes=s.max_adapter_bytes),
+        http=HttpConfig(host=s.host, port=s.port, log_level=s.log_level, max_adapter_bytes=s.max_adapter_bytes,
+                        max_request_bytes=s.max_request_bytes, max_upload_bytes_in_flight=s.max_upload_bytes_in_flight,
+                        upload_timeout_seconds=s.upload_timeout_seconds,
+                        shutdown_grace_seconds=s.shutdown_grace_seconds),
+        parsed_adapter_cache_bytes=s.parsed_adapter_cache_bytes,
         store=s.store,
         tenancy=TenancyConfig(
             database_url=s.database_url or default_database_url(s.store), admin_key=s.admin_key or None,

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters.file import AdapterFormatError
-from server.store import AdapterNotFound, InvalidAdapterId, StorageQuotaExceeded
+from server.store import AdapterNotFound, InvalidAdapterId, StorageQuotaExceeded, StoreFull
 from server.tenancy.limiter import NeverAdmitted, RateLimited
 from server.tenancy.service import TenancyError
 
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error", 405: "invalid_request_error",
          409: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
-         500: "server_error", 503: "server_error"}
+         500: "server_error", 503: "server_error", 507: "server_error"}
 
 
 class APIError(Exception):
@@ -56,6 +56,8 @@ def as_api_error(exc: Exception) -> APIError:
         return APIError(400, str(exc), param="adapter_id", code="invalid_adapter_id")
     if isinstance(exc, AdapterFormatError):
         return APIError(400, f"invalid adapter: {exc}", code="invalid_adapter")
+    if isinstance(exc, StoreFull):
+        return APIError(507, str(exc), code="insufficient_storage")
     if isinstance(exc, StorageQuotaExceeded):
         return APIError(403, str(exc), param=exc.param, code="quota_exceeded")
     if isinstance(exc, RateLimited):

@@ -34,6 +34,10 @@ class AdapterNotFound(KeyError):
         return f"adapter {self.args[0]!r} not found"
 
 
+class StoreFull(Exception):
+    """The disk under the store is full (ENOSPC) or over its quota (EDQUOT): HTTP 507; nothing changed."""
+
+
 class StorageQuotaExceeded(Exception):
     """Storing the adapter would exceed the tenant's storage quota (HTTP 403 quota_exceeded)."""
 
