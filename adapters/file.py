@@ -27,7 +27,10 @@ FORMAT = "svdserve-adapter/1"
 PEFT_PREFIX = "base_model.model."
 GLOBAL_TENSORS = ("vera_A", "vera_B")
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
-MAX_HEADER = 100_000_000
+MAX_HEADER = 100_000_000  # bytes; safetensors' own limit
+MAX_RANK = 2**31 - 1
+MAX_DIMS = 8  # adapter tensors have 1 or 2; more is refused before torch sees it
+DTYPE_SIZES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
 
 
 class AdapterFormatError(ValueError):
@@ -87,55 +90,173 @@ class BaseSpec:
     fingerprint: str
 
 
+def _show(value: object, limit: int = 80) -> str:
+    """A value for an error message: its repr, cut short (a header can hold megabytes in one string)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _kind(value: object) -> str:
+    """The JSON type of a parsed header value, for messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return "a string"
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true/false parse as bool, an int
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    obj: dict = {}
+    for key, value in pairs:
+        if key in obj:  # json keeps the last, other readers the first: refuse rather than guess
+            raise AdapterFormatError(f"bad safetensors header: key {_show(key)} appears twice")
+        obj[key] = value
+    return obj
+
+
+def _no_constant(name: str) -> object:
+    raise AdapterFormatError(f"not a safetensors file: the header is not JSON ({name} is not a JSON value)")
+
+
 def _header(data: bytes) -> dict:
+    """The header, as JSON, checked only for being an object; refused before anything the size of a number
+    in the file is allocated (the length prefix is checked against the bytes actually there)."""
     if len(data) < 8:
         raise AdapterFormatError("not a safetensors file: shorter than its 8-byte header length")
     (n,) = struct.unpack("<Q", data[:8])
     if n > MAX_HEADER or 8 + n > len(data):
         raise AdapterFormatError("not a safetensors file: header length exceeds the file size")
     try:
-        header = json.loads(data[8 : 8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise AdapterFormatError("not a safetensors file: the header is not JSON") from None
+        text = data[8 : 8 + n].decode("utf-8")  # strict: json.loads would guess UTF-16/32 from bytes
+    except UnicodeDecodeError:
+        raise AdapterFormatError("not a safetensors file: the header is not JSON (not valid UTF-8)") from None
+    try:
+        header = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    except json.JSONDecodeError as exc:
+        raise AdapterFormatError(f"not a safetensors file: the header is not JSON ({exc})") from None
+    except RecursionError:
+        raise AdapterFormatError("not a safetensors file: the header is not JSON (nested too deeply)") from None
+    except ValueError as exc:  # an integer literal longer than int()'s digit limit
+        if isinstance(exc, AdapterFormatError):
+            raise
+        raise AdapterFormatError(f"not a safetensors file: the header is not JSON ({_show(str(exc))})") from None
     if not isinstance(header, dict):
         raise AdapterFormatError("bad safetensors header: not a JSON object")
     return header
 
 
+def _text(value: str, what: str) -> str:
+    """A header string that is real text: JSON may escape a lone surrogate ("\\ud800"), which Python keeps
+    and every UTF-8 encoder (database, log, HTTP response) later chokes on."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise AdapterFormatError(f"bad header: {what} is not valid Unicode text (a lone surrogate)") from None
+    return value
+
+
 def _metadata(header: dict) -> dict[str, str]:
-    meta = header.get("__metadata__") or {}
+    meta = header.get("__metadata__", {})
     if not isinstance(meta, dict):
-        raise AdapterFormatError("bad header: __metadata__ is not an object of strings")
+        raise AdapterFormatError(
+            f"bad header: __metadata__ is not an object of strings, got {_kind(meta)}")
+    for key, value in meta.items():
+        _text(key, f"metadata key {_show(key)}")
+        if not isinstance(value, str):
+            raise AdapterFormatError(
+                f"bad header: metadata {_show(key)} must be a string, got {_kind(value)}: {_show(value)}")
+        _text(value, f"metadata {_show(key)}")
     if meta.get("format") != FORMAT:
-        raise AdapterFormatError(f"bad header: metadata 'format' must be {FORMAT!r}, got {meta.get('format')!r}")
+        raise AdapterFormatError(
+            f"bad header: metadata 'format' must be {FORMAT!r}, got {_show(meta.get('format'))}")
     if meta.get("method") not in REGISTRY:
         raise AdapterFormatError(
-            f"unknown adapter method {meta.get('method')!r}; known: {', '.join(sorted(REGISTRY))}"
-        )
-    try:
-        rank = int(meta.get("rank", ""))
-        assert rank >= 1
-    except (ValueError, AssertionError):
-        raise AdapterFormatError(f"bad header: 'rank' must be a positive integer, got {meta.get('rank')!r}") from None
+            f"unknown adapter method {_show(meta.get('method'))}; known: {', '.join(sorted(REGISTRY))}")
+    rank = meta.get("rank", "")
+    # ASCII digits only (int() would also take " 8", "+8", "8_0", "٨"), and short enough to be an int
+    if not (rank.isascii() and rank.isdigit() and len(rank) <= 10 and 1 <= int(rank) <= MAX_RANK):
+        raise AdapterFormatError(
+            f"bad header: metadata 'rank' must be a positive integer (at most {MAX_RANK}), got {_show(rank)}")
     if "alpha" in meta:
         try:
-            float(meta["alpha"])
+            alpha = float(meta["alpha"])
         except ValueError:
-            raise AdapterFormatError(f"bad header: 'alpha' is not a number: {meta['alpha']!r}") from None
+            raise AdapterFormatError(f"bad header: metadata 'alpha' is not a number: {_show(meta['alpha'])}") from None
+        if not math.isfinite(alpha):
+            raise AdapterFormatError(f"bad header: 'alpha' is not finite: {_show(meta['alpha'])}")
     return meta
 
 
-def _tensors(data: bytes, header: dict) -> dict[str, torch.Tensor]:
+def _entries(header: dict, data_len: int) -> None:
+    """Every tensor entry checked before the safetensors library sees the file: a float dtype, a shape of
+    at most MAX_DIMS non-negative ints, data_offsets inside the data section matching shape × dtype, the
+    entries packed one after another over the whole data section (as safetensors itself requires)."""
+    spans = []
     for name, info in header.items():
-        if name != "__metadata__" and (not isinstance(info, dict) or info.get("dtype") not in FLOAT_DTYPES):
-            raise AdapterFormatError(f"tensor {name!r} is not floating point (F32, F16, BF16)")
+        if name == "__metadata__":
+            continue
+        _text(name, f"tensor name {_show(name)}")
+        if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in name):
+            raise AdapterFormatError(f"bad header: tensor name {_show(name)} contains a control character")
+        if not isinstance(info, dict):
+            raise AdapterFormatError(f"bad header: tensor {_show(name)} is not an object, got {_kind(info)}")
+        missing = [k for k in ("dtype", "shape", "data_offsets") if k not in info]
+        if missing:
+            raise AdapterFormatError(f"bad header: tensor {_show(name)} has no {', '.join(missing)}")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if dtype not in FLOAT_DTYPES:
+            raise AdapterFormatError(
+                f"tensor {_show(name)} is not floating point (F32, F16, BF16, F64): dtype {_show(dtype)}")
+        if not (isinstance(shape, list) and len(shape) <= MAX_DIMS
+                and all(_is_int(s) and 0 <= s < 2**63 for s in shape)):
+            raise AdapterFormatError(
+                f"bad header: tensor {_show(name)} shape must be a list of at most {MAX_DIMS} non-negative "
+                f"integers, got {_show(shape)}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+            raise AdapterFormatError(
+                f"bad header: tensor {_show(name)} data_offsets must be [begin, end] integers, got {_show(offsets)}")
+        begin, end = offsets
+        if not 0 <= begin <= end <= data_len:
+            raise AdapterFormatError(
+                f"bad safetensors file: tensor {_show(name)} data_offsets {_show(offsets)} are outside the "
+                f"{data_len}-byte data section")
+        size = DTYPE_SIZES[dtype] * math.prod(shape)
+        if end - begin != size:
+            raise AdapterFormatError(
+                f"bad safetensors file: tensor {_show(name)} data_offsets {_show(offsets)} span {end - begin} "
+                f"bytes, but shape {shape} of {dtype} needs {size}")
+        spans.append((begin, end, name))
+    at = 0
+    for begin, end, name in sorted(spans):
+        if begin != at:
+            what = "overlaps another tensor" if begin < at else "leaves a gap before it"
+            raise AdapterFormatError(f"bad safetensors file: tensor {_show(name)} data_offsets {what}")
+        at = end
+    if at != data_len:
+        raise AdapterFormatError(
+            f"bad safetensors file: the tensors cover {at} of the {data_len}-byte data section")
+
+
+def _tensors(data: bytes, header: dict) -> dict[str, torch.Tensor]:
+    (n,) = struct.unpack("<Q", data[:8])
+    _entries(header, len(data) - 8 - n)
     try:
         tensors = st_load(data)
-    except Exception as exc:
-        raise AdapterFormatError(f"bad safetensors file: {exc}") from None
+    except Exception as exc:  # the checks above should leave nothing for it to refuse; its word, if any
+        raise AdapterFormatError(f"bad safetensors file: {_show(str(exc), 300)}") from None
     for name, t in tensors.items():
         if not torch.isfinite(t).all():
-            raise AdapterFormatError(f"tensor {name!r} contains NaN or Inf")
+            raise AdapterFormatError(f"tensor {_show(name)} contains NaN or Inf")
     return tensors
 
 
@@ -150,10 +271,13 @@ def _split(tensors: dict[str, torch.Tensor], method: str, spec: BaseSpec):
         name = name.removeprefix(PEFT_PREFIX)
         param = next((p for p in params if name.endswith("." + p)), None)
         if param is None:
-            raise AdapterFormatError(f"tensor {name!r} is not a {method} parameter ({', '.join(sorted(params))})")
+            raise AdapterFormatError(
+                f"tensor {_show(name)} is not a {method} parameter ({', '.join(sorted(params))})")
         module = name[: -len(param) - 1]
         if module not in spec.shapes:
-            raise AdapterFormatError(f"module {module!r} is not an adapted layer of the base model")
+            raise AdapterFormatError(f"module {_show(module)} is not an adapted layer of the base model")
+        if param in layers.get(module, {}):  # both `m.p` and `base_model.model.m.p`
+            raise AdapterFormatError(f"tensor {_show(name)} appears twice (with and without {PEFT_PREFIX!r})")
         layers.setdefault(module, {})[param] = t
     return layers, glob
 
@@ -186,7 +310,12 @@ def _check_shapes(a: Adapter, spec: BaseSpec) -> None:
 
 
 def parse_adapter(data: bytes, spec: BaseSpec) -> Adapter:
-    """Parse and validate adapter file bytes against the base model; raises AdapterFormatError."""
+    """Parse and validate adapter file bytes against the base model.
+
+    For any bytes at all, this returns a valid Adapter or raises AdapterFormatError naming the problem
+    (tests/adapters/test_file_fuzz.py holds it to that); nothing is allocated by a size the file claims."""
+    if not isinstance(data, bytes):
+        data = bytes(data)  # bytearray, memoryview
     header = _header(data)
     meta = _metadata(header)
     fp = meta.get("base_fingerprint")
@@ -199,8 +328,6 @@ def parse_adapter(data: bytes, spec: BaseSpec) -> Adapter:
                       alpha=float(meta["alpha"]) if "alpha" in meta else None,
                       base_fingerprint=fp, description=meta.get("description"))
     _check_shapes(adapter, spec)
-    if adapter.alpha is not None and not math.isfinite(adapter.alpha):
-        raise AdapterFormatError("bad header: 'alpha' is not finite")
     return adapter
 
 

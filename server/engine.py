@@ -21,11 +21,15 @@ from server.config import EngineConfig
 from server.model_runner import ModelRunner
 from server.residency import Residency
 from server.scheduler import QueueFull, Scheduler, SchedulerOutput
-from server.sequence import Detokenizer, SampledToken, SamplingParams, Sequence, Status
+from server.sequence import ContextLengthExceeded, Detokenizer, SampledToken, SamplingParams, Sequence, Status
 from server.store import AdapterStore, qualified
 
-__all__ = ["Engine", "GenerationRequest", "QueueFull", "RequestOutput", "SamplingParams", "TokenLogprob"]
+__all__ = ["Engine", "GenerationFailed", "GenerationRequest", "QueueFull", "RequestOutput", "SamplingParams", "TokenLogprob"]
 log = logging.getLogger(__name__)
+
+
+class GenerationFailed(Exception):
+    """The engine failed one request alone (its adapter overflowed, or could not be loaded)."""
 
 
 @dataclass
@@ -53,9 +57,10 @@ class RequestOutput:
     token_ids: list[int]  # new token ids since the previous output
     logprobs: list[TokenLogprob] | None
     finished: bool
-    finish_reason: str | None  # "stop" | "length" | "abort" | None while running
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error" | None while running
     prompt_tokens: int
     completion_tokens: int  # total so far
+    error: str | None = None  # why, when finish_reason is "error"
 
 
 def eos_ids(tokenizer, model: torch.nn.Module) -> set[int]:
@@ -182,7 +187,7 @@ class Engine:
         if p.max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
         if len(ids) + p.max_tokens > self.config.max_model_len:
-            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({p.max_tokens}) exceeds "
+            raise ContextLengthExceeded(f"prompt ({len(ids)} tokens) + max_tokens ({p.max_tokens}) exceeds "
                              f"max_model_len ({self.config.max_model_len})")
         if p.temperature < 0 or not 0 < p.top_p <= 1 or (p.logprobs is not None and p.logprobs < 0):
             raise ValueError("temperature must be >= 0, top_p in (0, 1], logprobs >= 0")
@@ -221,7 +226,8 @@ class Engine:
         out = RequestOutput(request_id=seq.request_id, text=text, token_ids=ids,
                             logprobs=self._logprobs(lps) if lps is not None else None, finished=done,
                             finish_reason=seq.finish_reason if done else None,
-                            prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids))
+                            prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids),
+                            error=seq.error if done else None)
         return seq.request_id, out
 
     def _logprobs(self, lps: list[SampledToken]) -> list[TokenLogprob]:

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters.file import AdapterFormatError
+from server.sequence import ContextLengthExceeded
 from server.store import AdapterNotFound, InvalidAdapterId, StorageQuotaExceeded, StoreFull
 from server.tenancy.limiter import NeverAdmitted, RateLimited
 from server.tenancy.service import TenancyError
@@ -34,9 +35,15 @@ class APIError(Exception):
         self.headers = headers
 
 
+CODES = {400: "invalid_request", 401: "invalid_api_key", 403: "insufficient_permissions", 404: "not_found",
+         405: "method_not_allowed", 408: "request_timeout", 409: "conflict", 413: "payload_too_large",
+         429: "rate_limit_exceeded", 500: "internal_error", 503: "service_unavailable", 507: "insufficient_storage"}
+
+
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    """OpenAI's error object; `code` is never null (a status's generic code when none is more precise)."""
     return {"error": {"message": message, "type": TYPES.get(status, "invalid_request_error"),
-                      "param": param, "code": code}}
+                      "param": param, "code": code or CODES.get(status, "error")}}
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
@@ -46,7 +53,7 @@ def error_response(status: int, message: str, param: str | None = None, code: st
 
 def as_api_error(exc: Exception) -> APIError:
     """Map the exceptions of the store, the adapter parser and the engine to API errors."""
-    from server.engine import QueueFull  # the engine imports torch; errors.py stays light otherwise
+    from server.engine import GenerationFailed, QueueFull  # the engine imports torch; errors.py stays light
 
     if isinstance(exc, APIError):
         return exc
@@ -68,6 +75,10 @@ def as_api_error(exc: Exception) -> APIError:
         return APIError(exc.status, str(exc), code=exc.code)
     if isinstance(exc, QueueFull):
         return APIError(429, str(exc) or "the request queue is full; retry later", code="queue_full")
+    if isinstance(exc, GenerationFailed):
+        return APIError(500, f"generation failed: {exc}", code="generation_failed")
+    if isinstance(exc, ContextLengthExceeded):
+        return APIError(400, str(exc), param="max_tokens", code="context_length_exceeded")
     if isinstance(exc, ValueError):
         return APIError(400, str(exc), code="invalid_request")
     raise exc
@@ -78,7 +89,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if not errors:
         return "invalid request", None
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
+    # drop the body/query root and pydantic's union-branch tags ("function-after[...]", "list[int]")
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path") and "[" not in str(p)]
     param = ".".join(loc) or None
     msg = first.get("msg", "invalid value")
     more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
@@ -97,8 +109,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return error_response(exc.status_code, str(exc.detail), code=code, headers=exc.headers)
+        return error_response(exc.status_code, str(exc.detail), headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -46,6 +46,12 @@ class KVCache:
         self.v[:, :, :, self.zeroed:end].zero_()
         self.zeroed = end
 
+    def clear(self, row: int) -> None:
+        """Zero a row. A failed request may leave inf/NaN K/V behind; attention masks stale positions by
+        adding -inf to their scores, which leaves NaN as NaN, so the row's next owner would inherit it."""
+        self.k[:, row].zero_()
+        self.v[:, row].zero_()
+
     def move(self, src: int, dst: int, n: int) -> None:
         """Copy the first n positions of row src into row dst (all layers)."""
         self.k[:, dst, :, :n] = self.k[:, src, :, :n]

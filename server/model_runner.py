@@ -30,6 +30,8 @@ class ModelRunner:
     def run(self, out: SchedulerOutput) -> list[SampledToken]:
         for request_id in out.finished_ids:
             self.generators.pop(request_id, None)
+        for row in out.clear_rows:
+            self.model.cache.clear(row)
         for src, dst, n in out.cache_moves:
             self.model.cache.move(src, dst, n)
         self.residency.apply_merge(out.merged)

@@ -9,11 +9,28 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP = 16
+MAX_TEXT_CHARS = 1 << 22  # no single string field is longer (the body limit, --max-request-bytes, comes first)
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # any 64-bit seed, signed or not (as vLLM and torch take them)
+# Requests are strict: "16" is not an int, "yes" not a bool, true not a token id (pydantic would coerce them).
+STRICT = ConfigDict(extra="forbid", strict=True)
+
+
+def _valid_text(v: str) -> str:
+    """Text must be valid Unicode: a lone surrogate ("\\ud800" in JSON) cannot be tokenized or echoed."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text must be valid Unicode (it contains a lone surrogate)") from None
+    return v
+
+
+Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS), AfterValidator(_valid_text)]
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]
 
 
 def _omit_none(**kw):
@@ -25,32 +42,35 @@ MAX_LOGPROBS = 20
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     include_usage: bool = False
 
 
 class SamplingFields(BaseModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
-    model: str | None = Field(None, description="the base model's name, or an adapter id")
-    adapter_id: str | None = Field(None, description="adapter to apply (takes precedence over model)")
-    max_tokens: int | None = Field(None, ge=1, description="most tokens to generate")
+    model: Text | None = Field(None, description="the base model's name, or an adapter id")
+    adapter_id: Text | None = Field(None, description="adapter to apply (takes precedence over model)")
+    max_tokens: int | None = Field(None, ge=1, le=2**31, description="most tokens to generate")
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 = greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(-1, ge=-1, description="0 or -1 = off")
-    stop: str | list[str] | None = Field(None, validate_default=True, description="stop strings (not included in the text)")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: Text | list[Text] | None = Field(None, validate_default=True, description="stop strings (not included in the text)")
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX, description="any 64-bit integer; same seed, same output")
     n: int = Field(1, ge=1, le=16)
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
     return_token_ids: bool = Field(False, description="add prompt_token_ids and token_ids to every choice")
-    user: str | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    user: Text | None = None
+    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = 0.0
     logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = Field(None, description='only {"type": "text"} (the default)')
+    tools: list[dict[str, Any]] | None = Field(None, description="only null or [] (tools are not supported)")
+    tool_choice: str | dict[str, Any] | None = Field(None, description='only null or "none"')
 
     @field_validator("stop")
     @classmethod
@@ -64,20 +84,30 @@ class SamplingFields(BaseModel):
 
     @model_validator(mode="after")
     def _unsupported(self):
+        """OpenAI fields we do not implement are accepted at their neutral value only, never ignored."""
         if self.presence_penalty or self.frequency_penalty:
             raise ValueError("presence_penalty and frequency_penalty are not supported (use 0)")
         if self.logit_bias:
             raise ValueError("logit_bias is not supported")
+        if self.response_format not in (None, {"type": "text"}):
+            raise ValueError('response_format is not supported beyond {"type": "text"}')
+        if self.tools:
+            raise ValueError("tools are not supported")
+        if self.tool_choice not in (None, "none"):
+            raise ValueError('tool_choice is not supported beyond "none"')
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options needs stream=true")
         return self
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(..., description="text or token ids, or a list of them")
-    max_tokens: int | None = Field(16, ge=1)
+    prompt: Text | list[Text] | list[TokenId] | list[list[TokenId]] = Field(
+        ..., description="text or token ids, or a list of them")
+    max_tokens: int | None = Field(16, ge=1, le=2**31, description="most tokens to generate (null: 16)")
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="alternatives per token")
     echo: bool = False
     best_of: int | None = None
-    suffix: str | None = None
+    suffix: Text | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -107,16 +137,16 @@ class CompletionRequest(SamplingFields):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -126,7 +156,7 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=2**31)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 

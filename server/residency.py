@@ -67,7 +67,11 @@ class Residency:
             slot = self._free_slot()
             if slot is None:
                 return None
-            self.model.load(slot, adapter)
+            try:
+                self.model.load(slot, adapter)
+            except BaseException:
+                self._give_back(slot)  # the slot stays usable; the request that named the adapter fails
+                raise
             self.slot_of[key] = slot
             self.loads += 1
         self.pins[key] += 1

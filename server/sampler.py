@@ -57,12 +57,21 @@ class Sampler:
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, params: list[SamplingParams],
                gens: list[torch.Generator | None]) -> list[SampledToken]:
-        """logits: [B, V] float32 -> one SampledToken per row."""
+        """logits: [B, V] float32 -> one SampledToken per row. A row whose logits are not all finite (an
+        adapter that overflows) gets an error instead of a token: it fails alone, the others are untouched."""
+        bad = (~torch.isfinite(logits).all(-1)).nonzero().flatten().tolist()
+        if bad:
+            logits = logits.clone()
+            logits[bad] = 0.0  # sample the healthy rows exactly as if the bad ones were not there
         tokens = logits.argmax(-1)  # [B]
         hot = [b for b, p in enumerate(params) if p.temperature > 0]
         if hot:
             tokens[hot] = self._draw(logits[hot], [params[b] for b in hot], [gens[b] for b in hot])
-        return self._outputs(logits, tokens, params)
+        out = self._outputs(logits, tokens, params)
+        for b in bad:
+            out[b] = SampledToken(0, error="the model's output for this request was not finite (NaN or inf); "
+                                           "its adapter's values are likely too large")
+        return out
 
     def _draw(self, x: torch.Tensor, params: list[SamplingParams], gens: list[torch.Generator | None]) -> torch.Tensor:
         # x: [H, V] logits of the rows that sample

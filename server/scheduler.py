@@ -47,9 +47,10 @@ class SchedulerOutput:
     positions: list[int]  # position of each sequence's first input token (prefill: 0; decode: num_cached)
     slots: list[int]  # adapter slot of each sequence (0 = base model)
     merged: AdapterKey | None  # adapter whose weights must be merged for this step (None = unmerged)
+    clear_rows: list[int] = field(default_factory=list)  # rows to zero before the moves (left by failed rows)
     cache_moves: list[tuple[int, int, int]] = field(default_factory=list)  # (src row, dst row, n tokens)
     finished_ids: list[str] = field(default_factory=list)  # requests that left since the last step
-    aborted: list[Sequence] = field(default_factory=list)  # aborted since the last step (to report)
+    aborted: list[Sequence] = field(default_factory=list)  # aborted or failed to start since the last step (to report)
 
     @property
     def empty(self) -> bool:
@@ -68,6 +69,8 @@ class Scheduler:
         self._abort_ids: set[str] = set()
         self._moves: list[tuple[int, int, int]] = []
         self._finished_ids: list[str] = []
+        self._failed: list[Sequence] = []  # failed at admission since the last step (to report)
+        self._clear: list[int] = []  # cache rows of sequences that failed in a step (their K/V may be NaN)
 
     # ---- requests in and out ----------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -81,7 +84,7 @@ class Scheduler:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self._abort_ids or self._finished_ids)
+        return bool(self.waiting or self.running or self._abort_ids or self._finished_ids or self._failed)
 
     # ---- schedule ---------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -93,8 +96,9 @@ class Scheduler:
             token_ids=[s.prompt_ids for s in seqs] if new else [[s.output_ids[-1]] for s in seqs],
             positions=[0] * len(seqs) if new else [s.num_cached for s in seqs],
             slots=[s.slot for s in seqs], merged=self.slots.merge_target(self.running),
-            cache_moves=self._moves, finished_ids=self._finished_ids, aborted=aborted)
-        self._moves, self._finished_ids = [], []
+            clear_rows=self._clear, cache_moves=self._moves, finished_ids=self._finished_ids,
+            aborted=aborted + self._failed)
+        self._moves, self._finished_ids, self._failed, self._clear = [], [], [], []
         return out
 
     def _admit(self) -> list[Sequence]:
@@ -106,7 +110,13 @@ class Scheduler:
                 break
             if not self.slots.admits(seq.adapter_key, [s.adapter_key for s in self.running]):
                 break
-            slot = self.slots.acquire(seq.adapter_key, seq.adapter)
+            try:
+                slot = self.slots.acquire(seq.adapter_key, seq.adapter)
+            except Exception as exc:  # its adapter cannot be loaded: this request fails, the queue goes on
+                self.waiting.popleft()
+                seq.status, seq.finish_reason, seq.error = Status.FINISHED, "error", f"loading its adapter failed: {exc}"
+                self._failed.append(seq)
+                continue
             if slot is None:
                 break  # every slot is pinned by a running request: wait, do not fail
             self.waiting.popleft()
@@ -136,6 +146,12 @@ class Scheduler:
         changed = list(out.aborted)
         for seq, res in zip(out.seqs, results, strict=True):
             if seq.status is not Status.RUNNING:
+                continue
+            if res.error is not None:  # this row failed inside the step: it ends alone
+                seq.error = res.error
+                self._clear.append(seq.row)
+                self._finish(seq, "error")
+                changed.append(seq)
                 continue
             before = len(seq.text)
             is_eos = res.token_id in self.eos_ids and not seq.params.ignore_eos

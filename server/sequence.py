@@ -14,6 +14,10 @@ from dataclasses import dataclass, field
 AdapterKey = tuple[str, str]  # (adapter id, version = sha256 of the file)
 
 
+class ContextLengthExceeded(ValueError):
+    """prompt + max_tokens does not fit max_model_len (HTTP 400 context_length_exceeded)."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16
@@ -33,6 +37,7 @@ class SampledToken:
     token_id: int
     logprob: float | None = None  # log-probability of token_id under the model (None: not requested)
     top: list[tuple[int, float]] | None = None  # top-k (token id, logprob), best first
+    error: str | None = None  # this row failed (e.g. non-finite logits): the request ends alone, no token
 
 
 class Status(enum.Enum):
@@ -82,7 +87,8 @@ class Sequence:
     status: Status = Status.WAITING
     row: int = -1
     slot: int = 0
-    finish_reason: str | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    error: str | None = None  # why, when finish_reason is "error"
     text: str = ""  # detokenized output so far (cut at a stop string)
     sent_chars: int = 0
     sent_tokens: int = 0

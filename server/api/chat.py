@@ -11,7 +11,7 @@ from server.api import generation
 from server.api.deps import EngineDep, ServedDep, StoreDep, TokenizerDep
 from server.api.generation import Run, usage
 from server.api.metering import Meter, MeterDep
-from server.api.inputs import chat_prompt, completion_tokens, resolve_adapter, sampling_params
+from server.api.inputs import chat_prompt, off_loop, completion_tokens, resolve_adapter, sampling_params
 from server.api.streaming import DONE, event, sse
 from server.engine import Engine, TokenLogprob
 from server.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
@@ -27,7 +27,7 @@ async def chat_completions(req: ChatCompletionRequest, engine: EngineDep, store:
                            tokenizer: TokenizerDep, served: ServedDep, meter: MeterDep, request: Request):
     """OpenAI chat completion; `stream: true` answers `chat.completion.chunk` events ending with `[DONE]`."""
     adapter = await resolve_adapter(req, served, store, meter.principal, meter.tenancy)
-    prompt = chat_prompt(req, tokenizer)
+    prompt = await off_loop(chat_prompt, req, tokenizer)
     max_tokens = completion_tokens(req, req.max_completion_tokens or req.max_tokens, len(prompt),
                                    served.max_model_len)
     meter.charge([prompt], req.max_completion_tokens or req.max_tokens, req.n)  # unset: settled at the end

@@ -11,7 +11,7 @@ from server.api import generation
 from server.api.deps import EngineDep, ServedDep, StoreDep, TokenizerDep
 from server.api.generation import Run, usage
 from server.api.metering import Meter, MeterDep
-from server.api.inputs import completion_prompts, resolve_adapter, sampling_params
+from server.api.inputs import completion_prompts, off_loop, resolve_adapter, sampling_params
 from server.api.streaming import DONE, event, sse
 from server.engine import Engine, TokenLogprob
 from server.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, new_id, now
@@ -25,7 +25,7 @@ async def completions(req: CompletionRequest, engine: EngineDep, store: StoreDep
                       served: ServedDep, meter: MeterDep, request: Request):
     """OpenAI text completion; `stream: true` answers server-sent events ending with `data: [DONE]`."""
     adapter = await resolve_adapter(req, served, store, meter.principal, meter.tenancy)
-    prompts = completion_prompts(req, tokenizer)
+    prompts = await off_loop(completion_prompts, req, tokenizer)
     meter.charge(prompts, req.max_tokens, req.n)
     meter.adapter = adapter.name if adapter else None
     params = sampling_params(req, req.max_tokens, req.logprobs)

@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 
-from server.engine import Engine, GenerationRequest, RequestOutput, SamplingParams, TokenLogprob
+from server.engine import Engine, GenerationFailed, GenerationRequest, RequestOutput, SamplingParams, TokenLogprob
 from server.errors import APIError, as_api_error, error_body
 from server.protocol import Usage
 
@@ -55,19 +55,30 @@ async def start(engine: Engine, prompts: list[list[int]], params: SamplingParams
                 n: int, request_id: str, tenant: str = "") -> list[Run]:
     """Submit n runs per prompt (seed, seed+1, ... per choice) and prime them together. `adapter_id` is the
     canonical `tenant/id`; `tenant` is whose request it is (fair admission)."""
+    if len(prompts) * n > engine.config.max_queue:
+        raise APIError(400, f"{len(prompts)} prompts x n={n} make {len(prompts) * n} requests, more than the "
+                            f"server's queue holds ({engine.config.max_queue}, --max-queue): send fewer at once",
+                       param="n", code="too_many_requests_in_one")
     runs = []
     for p, ids in enumerate(prompts):
         for i in range(n):
-            seeded = params if params.seed is None or i == 0 else _with_seed(params, params.seed + i)
+            seeded = params if params.seed is None or i == 0 else _with_seed(params, _next_seed(params.seed, i))
             req = GenerationRequest(request_id=f"{request_id}-{p * n + i}", prompt_token_ids=ids,
                                     params=seeded, adapter_id=adapter_id, tenant=tenant)
             runs.append(Run(index=p * n + i, request=req, outputs=engine.generate(req)))
     results = await asyncio.gather(*(_prime(r) for r in runs), return_exceptions=True)
     errors = [e for e in results if isinstance(e, BaseException)]
+    errors += [GenerationFailed(r.first.error) for r in runs if r.first is not None and r.first.finish_reason == "error"]
     if errors:
         await close(engine, runs)
         raise as_api_error(errors[0]) if isinstance(errors[0], Exception) else errors[0]
     return runs
+
+
+def _next_seed(seed: int, i: int) -> int:
+    """seed + i, wrapped to stay a 64-bit seed (what torch.Generator.manual_seed takes)."""
+    s = seed + i
+    return s - 2**64 if s > 2**64 - 1 else s
 
 
 def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
@@ -89,14 +100,26 @@ async def close(engine: Engine, runs: list[Run]) -> None:
 
 
 async def outputs(run: Run) -> AsyncIterator[RequestOutput]:
-    """Every output of a primed run, the first one included."""
+    """Every output of a primed run, the first one included. Raises GenerationFailed when the engine failed
+    the request."""
     assert run.first is not None
-    yield run.first
-    if run.first.finished:
+    out = run.first
+    if not out.finished:
+        async for out in _rest(run):
+            yield out
         return
+    if out.finish_reason == "error":
+        raise GenerationFailed(out.error)
+    yield out
+
+
+async def _rest(run: Run) -> AsyncIterator[RequestOutput]:
+    yield run.first
     async for out in run.outputs:
         if out.finished:
             run.finished = True
+            if out.finish_reason == "error":
+                raise GenerationFailed(out.error)
         yield out
         if out.finished:
             return
@@ -177,4 +200,6 @@ def usage(counts: dict[int, tuple[int, int]], n: int):
 
 def stream_error(exc: Exception) -> dict:
     """The event sent when a stream fails after its 200 went out (vLLM sends the same)."""
+    if isinstance(exc, GenerationFailed):
+        return error_body(500, f"generation failed: {exc}", code="generation_failed")
     return error_body(500, f"generation failed: {type(exc).__name__}: {exc}", code="internal_error")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from starlette.concurrency import run_in_threadpool
 
@@ -14,6 +16,21 @@ from server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFi
 from server.store import AdapterNotFound, AdapterStore, InvalidAdapterId
 from server.tenancy.access import Resolved, resolve
 from server.tenancy.service import Principal
+
+T = TypeVar("T")
+
+
+_TOKENIZER = threading.Lock()  # one tokenization at a time: templating may reconfigure the (Rust) tokenizer
+
+
+async def off_loop(fn: Callable[..., T], *args: Any) -> T:
+    """Tokenize or apply the chat template in a worker thread: a multi-megabyte prompt never blocks the
+    event loop (health checks and other clients' streams go on)."""
+    def locked() -> T:
+        with _TOKENIZER:
+            return fn(*args)
+
+    return await run_in_threadpool(locked)
 
 
 async def resolve_adapter(req: SamplingFields, served: Served, store: AdapterStore, principal: Principal,
@@ -41,12 +58,13 @@ async def resolve_adapter(req: SamplingFields, served: Served, store: AdapterSto
         ref = None
     if ref is None or not await run_in_threadpool(store.exists, ref.name):
         raise APIError(404, f"{param} {name!r} is neither the base model {served.name!r} nor a stored "
-                            "adapter (see GET /v1/models)", param=param, code="adapter_not_found")
+                            "adapter (see GET /v1/models)", param=param, code="model_not_found")
     return ref
 
 
-def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
-    return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    """The engine's parameters; `max_tokens` None (a completion's explicit null) is OpenAI's default, 16."""
+    return SamplingParams(max_tokens=16 if max_tokens is None else max_tokens, temperature=req.temperature, top_p=req.top_p,
                           top_k=req.top_k, seed=req.seed, stop=tuple(req.stop), ignore_eos=req.ignore_eos,
                           logprobs=logprobs)
 
@@ -85,5 +103,5 @@ def completion_tokens(req: SamplingFields, requested: int | None, prompt_len: in
     room = max_model_len - prompt_len
     if room < 1:
         raise APIError(400, f"the prompt has {prompt_len} tokens, which leaves no room in the context of "
-                            f"{max_model_len} tokens", param="messages")
+                            f"{max_model_len} tokens", param="messages", code="context_length_exceeded")
     return room

@@ -76,7 +76,7 @@ def test_unknown_adapter_is_404_never_the_base_model(client):
         r = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 4, **body})
         assert r.status_code == 404, r.text
         err = r.json()["error"]
-        assert "no-such-adapter" in err["message"] and err["code"] == "adapter_not_found"
+        assert "no-such-adapter" in err["message"] and err["code"] == "model_not_found"
     r = client.post("/v1/chat/completions", json={"model": "no-such-adapter",
                                                   "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 404

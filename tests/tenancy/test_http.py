@@ -112,9 +112,9 @@ def test_another_tenants_adapter_is_a_404_for_everything(tiny):
         assert err["message"] == f"adapter {path[len('/adapters/'):]!r} not found"
     for field in ("adapter_id", "model"):
         for name in ("bot", "alpha/bot"):
-            _err(c.post("/v1/completions", json={**PROMPT, field: name}, headers=b), 404, "adapter_not_found")
+            _err(c.post("/v1/completions", json={**PROMPT, field: name}, headers=b), 404, "model_not_found")
             _err(c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], field: name},
-                        headers=b), 404, "adapter_not_found")
+                        headers=b), 404, "model_not_found")
     assert [m["id"] for m in c.get("/v1/models", headers=b).json()["data"]][1:] == []
     assert c.get("/adapters", headers=b).json()["data"] == []
     assert c.get("/adapters/bot", headers=a).json() == before  # nothing changed for its owner
