@@ -34,16 +34,34 @@ def serve(argv: list[str]) -> None:
             _fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
         _fail(str(exc))
     config = build_config(settings)
+    check_port(config.http.host, config.http.port)  # in a second, not after minutes of loading the model
     refuse_open_mode(config)
 
     import uvicorn
 
     from server.app import create_app
+    from server.lifecycle import DrainingServer
 
     logging.basicConfig(level=config.http.log_level.upper() if config.http.log_level != "trace" else "DEBUG",
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(config), host=config.http.host, port=config.http.port,
-                log_level=config.http.log_level, timeout_graceful_shutdown=5)
+    app = create_app(config)
+    grace = config.http.shutdown_grace_seconds
+    server = DrainingServer(uvicorn.Config(app, host=config.http.host, port=config.http.port,
+                                           log_level=config.http.log_level, timeout_graceful_shutdown=grace + 5),
+                            app, grace)
+    server.run()
+
+
+def check_port(host: str, port: int) -> None:
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc} (another server on that port? use --port)")
 
 
 def refuse_open_mode(config) -> None:

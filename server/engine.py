@@ -204,6 +204,15 @@ class Engine:
             self.scheduler.abort(request_id)
         self._wake.set()
 
+    def abort_all(self) -> int:
+        """Abort every running and waiting request (shutdown); returns how many."""
+        with self._lock:
+            ids = [s.request_id for s in self.scheduler.running] + [s.request_id for s in self.scheduler.waiting]
+            for request_id in ids:
+                self.scheduler.abort(request_id)
+        self._wake.set()
+        return len(ids)
+
     def forget_adapter(self, name: str) -> None:
         """Unload every resident version of the adapter `tenant/id` (or a default-tenant id)."""
         # the adapter banks are inference tensors (made in the step thread): clearing them needs inference

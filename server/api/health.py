@@ -1,12 +1,13 @@
-"""GET /health (liveness and readiness: the model is loaded before the server accepts connections) and
+"""GET /health (liveness: the model is loaded before the server accepts connections), GET /health/ready
+(readiness: 503 while draining at shutdown) and
 GET /metrics (Prometheus text exposition of the engine's counters and gauges)."""
 
 from __future__ import annotations
 
 import math
 
-from fastapi import APIRouter
-from fastapi.responses import PlainTextResponse
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from server.api.deps import EngineDep, ServedDep
 
@@ -17,7 +18,17 @@ GAUGES = {"running", "waiting", "resident_adapters", "merged"}  # everything els
 
 @router.get("/health")
 async def health(served: ServedDep, engine: EngineDep) -> dict:
+    """Liveness: the process serves HTTP (the model is loaded before it accepts connections)."""
     return {"status": "ok", "model": served.name, "fingerprint": served.fingerprint}
+
+
+@router.get("/health/ready", responses={503: {"description": "draining (shutting down): send elsewhere"}})
+async def ready(request: Request, served: ServedDep) -> JSONResponse:
+    """Readiness, for load balancers and Kubernetes probes: 200 while the server takes requests, 503 while it
+    drains at shutdown."""
+    if getattr(request.app.state, "draining", False):
+        return JSONResponse({"status": "draining", "model": served.name}, status_code=503)
+    return JSONResponse({"status": "ready", "model": served.name})
 
 
 def prometheus(stats: dict[str, float | int]) -> str:
