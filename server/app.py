@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from server.api import routers
 from server.api.auth import RateLimitHeaders
 from server.api.http_limits import BodyLimit, Options
+from server.api.openapi import install_openapi
 from server.api.deps import Served
 from server.config import Config
 from server.errors import install_error_handlers
@@ -95,6 +96,7 @@ def create_app(config: Config, model=None) -> FastAPI:
     app = FastAPI(title="svdserve", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-style inference server for SVD-based LLM adapters")
     install_error_handlers(app)
+    install_openapi(app)
     app.add_middleware(RateLimitHeaders)
     app.add_middleware(Options)
     app.add_middleware(BodyLimit, max_bytes=config.http.max_request_bytes, timeout_s=config.http.upload_timeout_seconds)
