@@ -73,12 +73,9 @@ class Options:
         if scope["type"] != "http" or scope["method"] != "OPTIONS":
             await self.app(scope, receive, send)
             return
-        methods: set[str] = set()
-        probe = dict(scope, method="GET")
-        for route in scope["app"].routes:
-            match, _ = route.matches(probe)
-            if match in (Match.FULL, Match.PARTIAL) and getattr(route, "methods", None):
-                methods |= set(route.methods)
+        routes = scope["app"].routes
+        methods = {m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+                   if any(route.matches(dict(scope, method=m))[0] is Match.FULL for route in routes)}
         if not methods:
             await error_response(404, f"no route for {scope['path']}")(scope, receive, send)
             return

@@ -355,7 +355,7 @@ CASES = [
                 str(2**31), str(2**64), str(2**64 + 1), "9" * 40, "9" * 5000)],
     ("rank above r_max", _meta(rank=str(R_MAX + 1)), "exceeds this server's max rank"),
     *[(f"alpha {a!r}", _meta(alpha=a), "metadata 'alpha' is not a number") for a in ("lots", "", "1,5", "0x10")],
-    *[(f"alpha {a!r}", _meta(alpha=a), "'alpha' is not finite")
+    *[(f"alpha {a!r}", _meta(alpha=a), "metadata 'alpha' is not finite")
       for a in ("nan", "NaN", "-nan", "inf", "-inf", "Infinity", "1e400", "-1e400")],
     ("fingerprint", _meta(base_fingerprint="0123456789abcdef"), "is not this server's base model"),
     # tensor entries
