@@ -175,8 +175,9 @@ def arg_parser() -> argparse.ArgumentParser:
         if field.annotation is bool:  # a switch: --insecure-open
             p.add_argument(flag, dest=name, default=None, action="store_const", const=True, help=field.description)
             continue
-        p.add_argument(flag, dest=name, default=None, choices=choices,
-                       metavar=None if choices else name.upper(), help=field.description)
+        shown = "unset" if field.default is None else field.default
+        p.add_argument(flag, dest=name, default=None, choices=choices, metavar=None if choices else name.upper(),
+                       help=f"{field.description} (default: {shown})".replace("%", "%%"))
     return p
 
 
