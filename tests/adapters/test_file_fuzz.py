@@ -350,7 +350,8 @@ CASES = [
     ("wrong format", _meta(format="svdserve-adapter/2"), "metadata 'format' must be 'svdserve-adapter/1'"),
     ("unknown method", _meta(method="dora"), "unknown adapter method 'dora'"),
     ("no rank", _meta(rank=_DROP), "metadata 'rank' must be a positive integer"),
-    *[(f"rank {r!r}" if len(r) <= 24 else f"rank of {len(r)} digits", _meta(rank=r), "metadata 'rank' must be a positive integer")
+    *[(f"rank {r!r}" if len(r) <= 24 else f"rank of {len(r)} digits", _meta(rank=r),
+       "metadata 'rank' must be a positive integer")
       for r in ("zero", "", "-1", "0", "00", "1.5", "4.0", "1e3", " 4", "4 ", "+4", "4_0", "٤", "0x4", "nan",
                 str(2**31), str(2**64), str(2**64 + 1), "9" * 40, "9" * 5000)],
     ("rank above r_max", _meta(rank=str(R_MAX + 1)), "exceeds this server's max rank"),
