@@ -72,7 +72,8 @@ def create_app(config: Config, model=None) -> FastAPI:
         started = time.monotonic()
         adapted = model if model is not None else await anyio.to_thread.run_sync(load_model, config)
         tokenizer = adapted.base.tokenizer
-        store = AdapterStore(config.store, adapted.spec)
+        store = await anyio.to_thread.run_sync(  # indexes the headers; StoreNotWritable names an unusable path
+            lambda: AdapterStore(config.store, adapted.spec, parsed_cache_bytes=config.parsed_adapter_cache_bytes))
         tenancy = await anyio.to_thread.run_sync(open_tenancy, config, store)
         engine = Engine(config.engine, adapted, tokenizer, store, weight=tenancy.weight)
         engine.start()

@@ -34,7 +34,7 @@ async def retrieve_model(model: str, served: ServedDep, store: StoreDep, princip
         return ModelCard(id=served.name, created=served.created, root=served.name).model_dump()
     try:
         ref = await run_in_threadpool(resolve, principal, model, write=False, is_public=tenancy.service.is_public)
-        info = (await run_in_threadpool(store.get, ref.name)).info
+        info = await run_in_threadpool(store.info, ref.name)
     except (KeyError, ValueError):
         raise APIError(404, f"model {model!r} does not exist (see GET /v1/models)", param="model",
                        code="model_not_found") from None

@@ -47,7 +47,7 @@ def visible(principal: Principal, store: AdapterStore, public: set[tuple[str, st
     for owner, adapter_id in sorted(public):
         if owner != principal.tenant:
             try:
-                out.append(store.get(f"{owner}/{adapter_id}").info)
+                out.append(store.info(f"{owner}/{adapter_id}"))
             except (AdapterNotFound, ValueError):  # deleted meanwhile
                 continue
     return out
