@@ -87,3 +87,37 @@ def test_sigterm_during_8_streams_ends_each_with_finish_reason_and_done(tmp_path
         assert last["choices"][0]["finish_reason"] in ("abort", "length"), last
     log = srv.log.read_text(errors="replace")
     assert "Traceback" not in log and " ERROR " not in log, log[-3000:]
+
+
+def test_kill_9_during_an_upload_leaves_no_temporary_file_after_the_next_start(tmp_path):
+    srv = start_server(tmp_path)
+    sent = threading.Event()
+
+    def slow_body():
+        for i in range(600):
+            yield b"\0" * 65536
+            if i == 20:
+                sent.set()
+            time.sleep(0.01)
+
+    def upload():
+        try:
+            httpx.put(srv.url + "/adapters/half", content=slow_body(), timeout=60)
+        except httpx.HTTPError:
+            pass
+
+    t = threading.Thread(target=upload)
+    t.start()
+    assert sent.wait(60)
+    time.sleep(0.3)
+    assert list((srv.store / "default").glob(".upload-*"))  # the upload is being written
+    srv.proc.kill()
+    srv.proc.wait()
+    t.join(60)
+    srv = start_server(tmp_path)
+    try:
+        assert not list(srv.store.rglob(".upload-*"))
+        assert httpx.get(srv.url + "/adapters").json()["data"] == []
+    finally:
+        srv.proc.send_signal(signal.SIGTERM)
+        srv.proc.wait(60)
