@@ -81,7 +81,8 @@ class Engine:
         self.scheduler = Scheduler(max_batch_size=config.max_batch_size, max_model_len=config.max_model_len,
                                    max_queue=config.max_queue, eos_ids=eos_ids(tokenizer, model.model),
                                    slots=self.residency, weight=weight)
-        self.runner = ModelRunner(model, self.residency, config.max_batch_size, config.max_model_len, seed)
+        self.runner = ModelRunner(model, self.residency, config.max_batch_size, config.max_model_len, seed,
+                                  tuple(self.scheduler.eos_ids))
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -184,6 +185,9 @@ class Engine:
             raise ValueError("the prompt is empty")
         if any(not 0 <= t < self.vocab_size for t in ids):
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        if any(not 0 <= t < self.vocab_size for t, _ in p.logit_bias) or any(
+                not 0 <= t < self.vocab_size for t in p.stop_token_ids):
+            raise ValueError(f"logit_bias and stop_token_ids name token ids in [0, {self.vocab_size})")
         if p.max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
         if len(ids) + p.max_tokens > self.config.max_model_len:

@@ -19,11 +19,11 @@ from server.sequence import SampledToken
 
 class ModelRunner:
     def __init__(self, adapted: AdaptedModel, residency: Residency, max_batch_size: int, max_model_len: int,
-                 seed: int | None = None):
+                 seed: int | None = None, eos_ids: tuple[int, ...] = ()):
         self.adapted, self.residency = adapted, residency
         self.model = DecoderModel(adapted.model, max_batch_size, max_model_len)
         self.device = self.model.device
-        self.sampler = Sampler(seed, self.device)
+        self.sampler = Sampler(seed, self.device, eos_ids)
         self.generators: dict[str, torch.Generator] = {}
 
     @torch.inference_mode()
@@ -40,7 +40,8 @@ class ModelRunner:
         batch = self.adapted.batch(out.slots)
         logits = self._prefill(out, batch) if out.prefill else self._decode(out, batch)
         params = [s.params for s in out.seqs]
-        return self.sampler.sample(logits, params, self._generators(out))
+        return self.sampler.sample(logits, params, self._generators(out), [s.prompt_ids for s in out.seqs],
+                                   [s.output_ids for s in out.seqs])
 
     def _prefill(self, out: SchedulerOutput, batch) -> torch.Tensor:
         lens = [len(t) for t in out.token_ids]

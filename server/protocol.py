@@ -65,9 +65,13 @@ class SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     return_token_ids: bool = Field(False, description="add prompt_token_ids and token_ids to every choice")
     user: Text | None = None
-    presence_penalty: float | None = 0.0
-    frequency_penalty: float | None = 0.0
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0, description="OpenAI: minus this for every token already generated")
+    frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0, description="OpenAI: minus this times each token's count so far")
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="vLLM: >1 discourages tokens of the prompt and output")
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        None, description="token id (as a string) -> bias added to its logit, -100..100")
+    min_tokens: int = Field(0, ge=0, le=2**31, description="vLLM: no end-of-sequence or stop token before this many")
+    stop_token_ids: list[TokenId] | None = Field(None, max_length=64, description="vLLM: token ids that end the request")
     response_format: dict[str, Any] | None = Field(None, description='only {"type": "text"} (the default)')
     tools: list[dict[str, Any]] | None = Field(None, description="only null or [] (tools are not supported)")
     tool_choice: str | dict[str, Any] | None = Field(None, description='only null or "none"')
@@ -85,10 +89,12 @@ class SamplingFields(BaseModel):
     @model_validator(mode="after")
     def _unsupported(self):
         """OpenAI fields we do not implement are accepted at their neutral value only, never ignored."""
-        if self.presence_penalty or self.frequency_penalty:
-            raise ValueError("presence_penalty and frequency_penalty are not supported (use 0)")
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported")
+        if self.logit_bias and len(self.logit_bias) > 300:
+            raise ValueError("logit_bias takes at most 300 tokens")
+        if self.logit_bias and not all(k.isascii() and k.isdigit() and len(k) < 10 for k in self.logit_bias):
+            raise ValueError("logit_bias keys must be token ids written as strings, e.g. {\"50256\": -100}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError("min_tokens must not exceed max_tokens")
         if self.response_format not in (None, {"type": "text"}):
             raise ValueError('response_format is not supported beyond {"type": "text"}')
         if self.tools:

@@ -10,8 +10,11 @@ and top-p), as vLLM reports them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence as Seq
+
 import torch
 
+from server.logits import process
 from server.sequence import SampledToken, SamplingParams
 
 
@@ -43,8 +46,9 @@ def race_noise(shape: tuple[int, int], gens: list[torch.Generator | None], defau
 
 
 class Sampler:
-    def __init__(self, seed: int | None = None, device: str | torch.device = "cpu"):
+    def __init__(self, seed: int | None = None, device: str | torch.device = "cpu", eos_ids: Seq[int] = ()):
         self.device = torch.device(device)
+        self.eos_ids = tuple(eos_ids)  # banned by min_tokens
         self.default = torch.Generator(device=self.device)
         if seed is None:
             self.default.seed()
@@ -55,18 +59,22 @@ class Sampler:
         return torch.Generator(device=self.device).manual_seed(seed)
 
     @torch.inference_mode()
-    def sample(self, logits: torch.Tensor, params: list[SamplingParams],
-               gens: list[torch.Generator | None]) -> list[SampledToken]:
-        """logits: [B, V] float32 -> one SampledToken per row. A row whose logits are not all finite (an
-        adapter that overflows) gets an error instead of a token: it fails alone, the others are untouched."""
+    def sample(self, logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.Generator | None],
+               prompts: Seq[list[int]] | None = None, outputs: Seq[list[int]] | None = None) -> list[SampledToken]:
+        """logits: [B, V] float32 -> one SampledToken per row. `prompts`/`outputs` (each row's token ids) feed
+        the penalties, logit_bias and min_tokens (server.logits); logprobs stay those of the raw model. A row
+        whose logits are not all finite (an adapter that overflows) gets an error instead of a token: it fails
+        alone, the others are untouched."""
         bad = (~torch.isfinite(logits).all(-1)).nonzero().flatten().tolist()
         if bad:
             logits = logits.clone()
             logits[bad] = 0.0  # sample the healthy rows exactly as if the bad ones were not there
-        tokens = logits.argmax(-1)  # [B]
+        x = logits if prompts is None else process(logits, params, prompts, outputs or [[]] * len(params),
+                                                     self.eos_ids)
+        tokens = x.argmax(-1)  # [B]
         hot = [b for b, p in enumerate(params) if p.temperature > 0]
         if hot:
-            tokens[hot] = self._draw(logits[hot], [params[b] for b in hot], [gens[b] for b in hot])
+            tokens[hot] = self._draw(x[hot], [params[b] for b in hot], [gens[b] for b in hot])
         out = self._outputs(logits, tokens, params)
         for b in bad:
             out[b] = SampledToken(0, error="the model's output for this request was not finite (NaN or inf); "

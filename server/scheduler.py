@@ -154,7 +154,8 @@ class Scheduler:
                 changed.append(seq)
                 continue
             before = len(seq.text)
-            is_eos = res.token_id in self.eos_ids and not seq.params.ignore_eos
+            is_eos = (res.token_id in self.eos_ids and not seq.params.ignore_eos
+                      or res.token_id in seq.params.stop_token_ids)
             seq.append(res, is_eos)
             reason = self._finish_reason(seq, is_eos, len(seq.text) - before)
             if reason is not None:

@@ -28,6 +28,12 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings; the stop string is not included in the text
     ignore_eos: bool = False  # vLLM extension
     logprobs: int | None = None  # None = none; k >= 0 = chosen token's logprob + top-k alternatives
+    presence_penalty: float = 0.0  # OpenAI: minus this for every token already generated at least once
+    frequency_penalty: float = 0.0  # OpenAI: minus this times the count of each token generated so far
+    repetition_penalty: float = 1.0  # vLLM: divide positive / multiply negative logits of seen tokens
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100])
+    min_tokens: int = 0  # vLLM: no end-of-sequence or stop token before this many tokens
+    stop_token_ids: tuple[int, ...] = ()  # vLLM: these tokens end the request like end-of-sequence
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,11 @@ async def resolve_adapter(req: SamplingFields, served: Served, store: AdapterSto
 
 def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
     """The engine's parameters; `max_tokens` None (a completion's explicit null) is OpenAI's default, 16."""
-    return SamplingParams(max_tokens=16 if max_tokens is None else max_tokens, temperature=req.temperature, top_p=req.top_p,
+    return SamplingParams(presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
+                          repetition_penalty=req.repetition_penalty, min_tokens=req.min_tokens,
+                          logit_bias=tuple((int(k), v) for k, v in (req.logit_bias or {}).items()),
+                          stop_token_ids=tuple(req.stop_token_ids or ()),
+                          max_tokens=16 if max_tokens is None else max_tokens, temperature=req.temperature, top_p=req.top_p,
                           top_k=req.top_k, seed=req.seed, stop=tuple(req.stop), ignore_eos=req.ignore_eos,
                           logprobs=logprobs)
 
