@@ -21,7 +21,7 @@ from server.config import EngineConfig
 from server.model_runner import ModelRunner
 from server.residency import Residency
 from server.scheduler import QueueFull, Scheduler, SchedulerOutput
-from server.sequence import ContextLengthExceeded, Detokenizer, SampledToken, SamplingParams, Sequence, Status
+from server.sequence import ContextLengthExceeded, Detokenizer, PromptLogprob, SampledToken, SamplingParams, Sequence, Status
 from server.store import AdapterStore, qualified
 
 __all__ = ["Engine", "GenerationFailed", "GenerationRequest", "QueueFull", "RequestOutput", "SamplingParams", "TokenLogprob"]
@@ -61,6 +61,7 @@ class RequestOutput:
     prompt_tokens: int
     completion_tokens: int  # total so far
     error: str | None = None  # why, when finish_reason is "error"
+    prompt_logprobs: list[PromptLogprob | None] | None = None  # with the first output, when asked
 
 
 def eos_ids(tokenizer, model: torch.nn.Module) -> set[int]:
@@ -188,8 +189,8 @@ class Engine:
         if any(not 0 <= t < self.vocab_size for t, _ in p.logit_bias) or any(
                 not 0 <= t < self.vocab_size for t in p.stop_token_ids):
             raise ValueError(f"logit_bias and stop_token_ids name token ids in [0, {self.vocab_size})")
-        if p.max_tokens < 1:
-            raise ValueError("max_tokens must be at least 1")
+        if p.max_tokens < 0 or (p.max_tokens == 0 and p.prompt_logprobs is None):
+            raise ValueError("max_tokens must be at least 1 (0 only with echo or prompt_logprobs)")
         if len(ids) + p.max_tokens > self.config.max_model_len:
             raise ContextLengthExceeded(f"prompt ({len(ids)} tokens) + max_tokens ({p.max_tokens}) exceeds "
                              f"max_model_len ({self.config.max_model_len})")
@@ -236,11 +237,14 @@ class Engine:
     def _output(self, seq: Sequence) -> tuple[str, RequestOutput]:
         text, ids, lps = seq.take_new()
         done = seq.status is Status.FINISHED
+        prompt = None
+        if seq.prompt_logprobs is not None and not seq.prompt_sent:
+            prompt, seq.prompt_sent = seq.prompt_logprobs, True
         out = RequestOutput(request_id=seq.request_id, text=text, token_ids=ids,
                             logprobs=self._logprobs(lps) if lps is not None else None, finished=done,
                             finish_reason=seq.finish_reason if done else None,
                             prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids),
-                            error=seq.error if done else None)
+                            error=seq.error if done else None, prompt_logprobs=prompt)
         return seq.request_id, out
 
     def _logprobs(self, lps: list[SampledToken]) -> list[TokenLogprob]:

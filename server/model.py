@@ -128,10 +128,12 @@ class DecoderModel:
         B, _, T, _ = o.shape
         return project((a.o_proj,), o.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim), batch)[0]
 
-    def prefill(self, tokens: torch.Tensor, last: torch.Tensor, row0: int,
-                batch: AdapterBatch | None) -> torch.Tensor:
+    def prefill(self, tokens: torch.Tensor, last: torch.Tensor, row0: int, batch: AdapterBatch | None,
+                keep: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
         """tokens: [n, T] right-padded prompts for cache rows row0..row0+n-1; last: [n] index of each
-        prompt's last token. Returns logits [n, V] (float32) at those positions."""
+        prompt's last token. Returns logits [n, V] (float32) at those positions. `keep`, when given, receives
+        for every one of its keys (an index into the n prompts) the final normed hidden states [T, D] of that
+        prompt (prompt logprobs: `logits_of` them in chunks, never a [T, V] tensor per prompt at once)."""
         n, T = tokens.shape
         self.cache.ensure(T)
         cos, sin = self.cos[:T], self.sin[:T]  # [T, hd]
@@ -145,8 +147,14 @@ class DecoderModel:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
             h = h + self.out(a, o, batch)
             h = h + mlp(layer.mlp, layer.post_attention_layernorm(h), batch)
+        for j in keep or {}:
+            keep[j] = self.norm(h[j, :int(last[j]) + 1])  # [T_j, D]
         h = h[torch.arange(n, device=h.device), last]  # [n, D]
         return self.lm_head(self.norm(h)).float()
+
+    def logits_of(self, normed: torch.Tensor) -> torch.Tensor:
+        """[T, D] normed hidden states -> [T, V] float32 logits."""
+        return self.lm_head(normed).float()
 
     def decode(self, tokens: torch.Tensor, pos: torch.Tensor, length: int,
                batch: AdapterBatch | None) -> torch.Tensor:

@@ -7,6 +7,8 @@ generators of seeded requests, created at prefill and dropped when the scheduler
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from adapters.runtime import AdaptedModel
@@ -14,7 +16,24 @@ from server.model import DecoderModel
 from server.residency import Residency
 from server.sampler import Sampler
 from server.scheduler import SchedulerOutput
-from server.sequence import SampledToken
+from server.sequence import PromptLogprob, SampledToken
+
+
+PROMPT_CHUNK = 256  # prompt positions turned into [chunk, V] logits at a time
+
+
+def prompt_logprobs(logits_of, hidden: torch.Tensor, ids: list[int], k: int) -> list[PromptLogprob | None]:
+    """Each prompt token's logprob under the model given the tokens before it (the first has none), with the
+    top-k alternatives there. hidden: [T, D] normed states; computed in chunks of PROMPT_CHUNK positions."""
+    out: list[PromptLogprob | None] = [None]
+    target = torch.tensor(ids[1:], dtype=torch.long, device=hidden.device)
+    for s in range(0, len(ids) - 1, PROMPT_CHUNK):
+        lp = logits_of(hidden[s:s + PROMPT_CHUNK][: len(ids) - 1 - s]).log_softmax(-1)  # [c, V]
+        chosen = lp.gather(1, target[s:s + lp.shape[0], None])[:, 0].tolist()
+        top_v, top_i = lp.topk(k, dim=-1) if k > 0 else (lp[:, :0], lp[:, :0].long())
+        for c, (v, i) in enumerate(zip(top_v.tolist(), top_i.tolist())):
+            out.append(PromptLogprob(ids[s + c + 1], chosen[c], list(zip(i, v))))
+    return out
 
 
 class ModelRunner:
@@ -38,17 +57,23 @@ class ModelRunner:
         if out.empty:
             return []
         batch = self.adapted.batch(out.slots)
-        logits = self._prefill(out, batch) if out.prefill else self._decode(out, batch)
+        keep = {j: None for j, s in enumerate(out.seqs) if out.prefill and s.params.prompt_logprobs is not None}
+        logits = self._prefill(out, batch, keep) if out.prefill else self._decode(out, batch)
         params = [s.params for s in out.seqs]
-        return self.sampler.sample(logits, params, self._generators(out), [s.prompt_ids for s in out.seqs],
-                                   [s.output_ids for s in out.seqs])
+        sampled = self.sampler.sample(logits, params, self._generators(out), [s.prompt_ids for s in out.seqs],
+                                      [s.output_ids for s in out.seqs])
+        for j, hidden in keep.items():
+            seq = out.seqs[j]
+            sampled[j] = replace(sampled[j], prompt=prompt_logprobs(self.model.logits_of, hidden, seq.prompt_ids,
+                                                                     seq.params.prompt_logprobs))
+        return sampled
 
-    def _prefill(self, out: SchedulerOutput, batch) -> torch.Tensor:
+    def _prefill(self, out: SchedulerOutput, batch, keep: dict) -> torch.Tensor:
         lens = [len(t) for t in out.token_ids]
         T = max(lens)
         tokens = torch.tensor([t + [0] * (T - len(t)) for t in out.token_ids], dtype=torch.long, device=self.device)
         last = torch.tensor([n - 1 for n in lens], dtype=torch.long, device=self.device)
-        return self.model.prefill(tokens, last, out.rows[0], batch)
+        return self.model.prefill(tokens, last, out.rows[0], batch, keep)
 
     def _decode(self, out: SchedulerOutput, batch) -> torch.Tensor:
         # rows are 0..B-1 in order (the scheduler keeps running rows dense)

@@ -109,9 +109,12 @@ class SamplingFields(BaseModel):
 class CompletionRequest(SamplingFields):
     prompt: Text | list[Text] | list[TokenId] | list[list[TokenId]] = Field(
         ..., description="text or token ids, or a list of them")
-    max_tokens: int | None = Field(16, ge=1, le=2**31, description="most tokens to generate (null: 16)")
+    max_tokens: int | None = Field(16, ge=0, le=2**31, description="most tokens to generate (null: 16; 0 with echo "
+                                                                  "or prompt_logprobs: the prompt's logprobs only)")
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="alternatives per token")
-    echo: bool = False
+    echo: bool = Field(False, description="the prompt before the completion (with its logprobs when logprobs is set)")
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="vLLM: each prompt token's logprob "
+                                                                                 "and this many alternatives")
     best_of: int | None = None
     suffix: Text | None = None
 
@@ -124,8 +127,8 @@ class CompletionRequest(SamplingFields):
 
     @model_validator(mode="after")
     def _completion_unsupported(self):
-        if self.echo:
-            raise ValueError("echo is not supported")
+        if self.max_tokens == 0 and not (self.echo or self.prompt_logprobs is not None):
+            raise ValueError("max_tokens 0 needs echo or prompt_logprobs")
         if self.suffix:
             raise ValueError("suffix is not supported")
         if self.best_of not in (None, self.n):
@@ -183,8 +186,8 @@ class Usage(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str] = []
-    token_logprobs: list[float] = []
-    top_logprobs: list[dict[str, float]] = []
+    token_logprobs: list[float | None] = []  # None: the first prompt token of an echo
+    top_logprobs: list[dict[str, float] | None] = []
     text_offset: list[int] = []
 
 
@@ -193,6 +196,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    prompt_logprobs: list[dict[str, dict] | None] | None = _omit_none()
     prompt_token_ids: list[int] | None = _omit_none()
     token_ids: list[int] | None = _omit_none()
 

@@ -147,6 +147,12 @@ class Scheduler:
         for seq, res in zip(out.seqs, results, strict=True):
             if seq.status is not Status.RUNNING:
                 continue
+            if res.prompt is not None:
+                seq.prompt_logprobs = res.prompt
+            if seq.params.max_tokens == 0:  # echo with max_tokens 0: the prompt's logprobs only, no token
+                self._finish(seq, "length")
+                changed.append(seq)
+                continue
             if res.error is not None:  # this row failed inside the step: it ends alone
                 seq.error = res.error
                 self._clear.append(seq.row)

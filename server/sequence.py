@@ -34,6 +34,16 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100])
     min_tokens: int = 0  # vLLM: no end-of-sequence or stop token before this many tokens
     stop_token_ids: tuple[int, ...] = ()  # vLLM: these tokens end the request like end-of-sequence
+    prompt_logprobs: int | None = None  # None = none; k >= 0: each prompt token's logprob + top-k alternatives
+
+
+@dataclass(frozen=True)
+class PromptLogprob:
+    """A prompt token's log-probability given the tokens before it, and the top alternatives there."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 @dataclass(frozen=True)
@@ -44,6 +54,7 @@ class SampledToken:
     logprob: float | None = None  # log-probability of token_id under the model (None: not requested)
     top: list[tuple[int, float]] | None = None  # top-k (token id, logprob), best first
     error: str | None = None  # this row failed (e.g. non-finite logits): the request ends alone, no token
+    prompt: list[PromptLogprob] | None = None  # at prefill, when asked: one per prompt token (the first None)
 
 
 class Status(enum.Enum):
@@ -89,6 +100,8 @@ class Sequence:
     adapter: object | None = None  # the parsed adapter of that version, loaded into a slot on admission
     tenant: str = ""  # whose request ("" = open single-tenant mode); fair admission takes turns by it
     output_ids: list[int] = field(default_factory=list)
+    prompt_logprobs: list[PromptLogprob | None] | None = None  # set at prefill when params ask for them
+    prompt_sent: bool = False  # the prompt logprobs went out (with the first output)
     logprobs: list[SampledToken] = field(default_factory=list)  # per output token, when requested
     status: Status = Status.WAITING
     row: int = -1

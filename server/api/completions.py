@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from fastapi import APIRouter, Request
 
-from server.api import generation
+from server.api import echo, generation
 from server.api.deps import EngineDep, ServedDep, StoreDep, TokenizerDep
-from server.api.generation import Run, usage
+from server.api.generation import Result, Run, usage
 from server.api.metering import Meter, MeterDep
 from server.api.inputs import completion_prompts, off_loop, resolve_adapter, sampling_params
 from server.api.streaming import DONE, event, sse
-from server.engine import Engine, TokenLogprob
-from server.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, new_id, now
+from server.engine import Engine
+from server.protocol import CompletionChoice, CompletionRequest, CompletionResponse, new_id, now
 
 router = APIRouter()
 log = logging.getLogger(__name__)
@@ -28,47 +29,55 @@ async def completions(req: CompletionRequest, engine: EngineDep, store: StoreDep
     prompts = await off_loop(completion_prompts, req, tokenizer)
     meter.charge(prompts, req.max_tokens, req.n)
     meter.adapter = adapter.name if adapter else None
-    params = sampling_params(req, req.max_tokens, req.logprobs)
+    params = replace(sampling_params(req, req.max_tokens, req.logprobs), prompt_logprobs=echo.prompt_logprobs_k(req))
+    texts = echo.prompt_texts(req, prompts, tokenizer) if req.echo else None
     rid = new_id("cmpl")
     runs = await generation.start(engine, prompts, params, meter.adapter, req.n, rid, meter.principal.tenant)
     model = adapter.shown if adapter else served.name
     if req.stream:
         meter.streaming = True
-        return sse(_stream(engine, runs, req, rid, model, meter))
+        return sse(_stream(engine, runs, req, rid, model, meter, tokenizer, texts))
     results = sorted(await generation.collect_all(engine, runs, request.is_disconnected), key=lambda r: r.index)
-    ids = req.return_token_ids
-    choices = [CompletionChoice(index=r.index, text=r.text, finish_reason=r.finish_reason,
-                                logprobs=_logprobs(r.logprobs, 0) if req.logprobs is not None else None,
-                                prompt_token_ids=r.prompt_token_ids if ids else None,
-                                token_ids=r.token_ids if ids else None)
-               for r in results]
+    choices = [_choice(req, r, tokenizer, texts[r.index // req.n] if texts else None) for r in results]
     counts = {r.index: (r.prompt_tokens, r.completion_tokens) for r in results}
     await meter.close(used := usage(counts, req.n))
     return CompletionResponse(id=rid, created=now(), model=model, choices=choices, usage=used)
 
 
-def _logprobs(lps: list[TokenLogprob] | None, offset: int) -> CompletionLogprobs:
-    out = CompletionLogprobs()
-    for lp in lps or []:
-        out.tokens.append(lp.token)
-        out.token_logprobs.append(lp.logprob)
-        out.top_logprobs.append(dict(lp.top))
-        out.text_offset.append(offset)
-        offset += len(lp.token)
-    return out
+def _choice(req: CompletionRequest, r: Result, tokenizer, prompt_text: str | None) -> CompletionChoice:
+    """One choice; with echo the prompt (and its logprobs) comes first."""
+    ids, prefix = req.return_token_ids, r.prompt_logprobs if prompt_text is not None else None
+    lps = None
+    if req.logprobs is not None:
+        lps = echo.logprobs(r.prompt_token_ids, prefix, r.logprobs, req.logprobs, tokenizer)
+    vllm = None
+    if req.prompt_logprobs is not None and r.prompt_logprobs is not None:
+        vllm = echo.vllm_prompt_logprobs(r.prompt_logprobs, req.prompt_logprobs, tokenizer, r.prompt_token_ids)
+    return CompletionChoice(index=r.index, text=(prompt_text or "") + r.text, finish_reason=r.finish_reason,
+                            logprobs=lps, prompt_logprobs=vllm, prompt_token_ids=r.prompt_token_ids if ids else None,
+                            token_ids=r.token_ids if ids else None)
 
 
 async def _stream(engine: Engine, runs: list[Run], req: CompletionRequest, rid: str, model: str,
-                  meter: Meter) -> AsyncIterator[str]:
+                  meter: Meter, tokenizer, texts: list[str] | None) -> AsyncIterator[str]:
     created, offsets, counts = now(), {r.index: 0 for r in runs}, {}
+    to_echo = {r.index for r in runs} if texts is not None else set()
     try:
         async for run, out in generation.interleave(runs):
             counts[run.index] = (out.prompt_tokens, out.completion_tokens)
-            lp = _logprobs(out.logprobs, offsets[run.index]) if req.logprobs is not None else None
-            offsets[run.index] += len(out.text)
-            if not (out.text or out.token_ids or out.finished):
+            head, prefix = "", None
+            if run.index in to_echo:  # a choice's first chunk carries the echoed prompt (and its logprobs)
+                to_echo.discard(run.index)
+                head, prefix = texts[run.index // req.n], out.prompt_logprobs
+            lp = None
+            if req.logprobs is not None:
+                lp = echo.logprobs(run.request.prompt_token_ids, prefix, out.logprobs, req.logprobs, tokenizer,
+                                   offsets[run.index])
+            offsets[run.index] += len(head) + len(out.text)
+            if not (head or out.text or out.token_ids or out.finished):
                 continue
-            choice = CompletionChoice(index=run.index, text=out.text, logprobs=lp, finish_reason=out.finish_reason,
+            choice = CompletionChoice(index=run.index, text=head + out.text, logprobs=lp,
+                                      finish_reason=out.finish_reason,
                                       token_ids=out.token_ids if req.return_token_ids else None)
             yield event(CompletionResponse(id=rid, created=created, model=model, choices=[choice]))
         if req.stream_options and req.stream_options.include_usage:

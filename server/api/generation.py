@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from server.engine import Engine, GenerationFailed, GenerationRequest, RequestOutput, SamplingParams, TokenLogprob
 from server.errors import APIError, as_api_error, error_body
 from server.protocol import Usage
+from server.sequence import PromptLogprob
 
 DISCONNECT_POLL_S = 0.5
 
@@ -38,6 +39,7 @@ class Result:
     prompt_token_ids: list[int]
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[PromptLogprob | None] | None = None
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -133,6 +135,8 @@ async def collect(run: Run) -> Result:
         res.token_ids += out.token_ids
         if out.logprobs is not None:
             res.logprobs = (res.logprobs or []) + list(out.logprobs)
+        if out.prompt_logprobs is not None:
+            res.prompt_logprobs = out.prompt_logprobs
         res.finish_reason = out.finish_reason
         res.prompt_tokens, res.completion_tokens = out.prompt_tokens, out.completion_tokens
     res.text = "".join(parts)

@@ -51,7 +51,7 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "hi", "logprobs": 99}, "logprobs"),
     ("/v1/completions", {"prompt": "hi", "stop": [""]}, "stop"),
     ("/v1/completions", {"prompt": "hi", "bogus": 1}, "bogus"),
-    ("/v1/completions", {"prompt": "hi", "echo": True}, "echo"),
+    ("/v1/completions", {"prompt": "hi", "echo": "yes"}, "echo"),
     ("/v1/completions", {"prompt": "hi", "frequency_penalty": 2.5}, "frequency_penalty"),
     ("/v1/completions", {"prompt": "hi", "logit_bias": {"5": 101}}, "logit_bias"),
     ("/v1/completions", {"prompt": "hi", "logit_bias": {"word": 1}}, "logit_bias"),
