@@ -18,6 +18,7 @@ import torch
 
 from adapters.runtime import AdaptedModel
 from server.config import EngineConfig
+from server.grammar import Grammars
 from server.model_runner import ModelRunner
 from server.residency import Residency
 from server.scheduler import QueueFull, Scheduler, SchedulerOutput
@@ -85,6 +86,8 @@ class Engine:
         self.runner = ModelRunner(model, self.residency, config.max_batch_size, config.max_model_len, seed,
                                   tuple(self.scheduler.eos_ids))
         self._lock = threading.Lock()
+        self._grammar_lock = threading.Lock()
+        self._grammars: Grammars | None = None
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -200,14 +203,28 @@ class Engine:
         if req.adapter_id is not None:
             stored = self.store.get(req.adapter_id)  # the version is fixed here
             key, adapter = (stored.info.name, stored.version), stored.adapter
+        matcher = None
+        if p.grammar is not None:
+            if p.ignore_eos:
+                raise ValueError("ignore_eos cannot be combined with structured output (the grammar ends the text)")
+            matcher = self.grammars.matcher(p.grammar)
         decode = lambda t: self.tokenizer.decode(t, skip_special_tokens=True)  # noqa: E731
         return Sequence(request_id=req.request_id, prompt_ids=list(ids), params=p,
-                        detok=Detokenizer(decode, ids), adapter_key=key, adapter=adapter, tenant=req.tenant)
+                        detok=Detokenizer(decode, ids), adapter_key=key, adapter=adapter, tenant=req.tenant,
+                        matcher=matcher)
 
     def abort(self, request_id: str) -> None:
         with self._lock:
             self.scheduler.abort(request_id)
         self._wake.set()
+
+    @property
+    def grammars(self) -> Grammars:
+        """Structured output on this tokenizer, made on first use (building its token table takes a moment)."""
+        with self._grammar_lock:
+            if self._grammars is None:
+                self._grammars = Grammars(self.tokenizer, self.vocab_size, self.scheduler.eos_ids)
+            return self._grammars
 
     def abort_all(self) -> int:
         """Abort every running and waiting request (shutdown); returns how many."""

@@ -12,6 +12,7 @@ from dataclasses import replace
 import torch
 
 from adapters.runtime import AdaptedModel
+from server.grammar import accept
 from server.model import DecoderModel
 from server.residency import Residency
 from server.sampler import Sampler
@@ -60,8 +61,14 @@ class ModelRunner:
         keep = {j: None for j, s in enumerate(out.seqs) if out.prefill and s.params.prompt_logprobs is not None}
         logits = self._prefill(out, batch, keep) if out.prefill else self._decode(out, batch)
         params = [s.params for s in out.seqs]
+        matchers = [s.matcher for s in out.seqs]
+        constrained = any(m is not None for m in matchers)
         sampled = self.sampler.sample(logits, params, self._generators(out), [s.prompt_ids for s in out.seqs],
-                                      [s.output_ids for s in out.seqs])
+                                      [s.output_ids for s in out.seqs], matchers if constrained else None)
+        if constrained:
+            for j, ok in enumerate(accept(matchers, [s.token_id for s in sampled])):
+                if not ok and sampled[j].error is None:
+                    sampled[j] = SampledToken(0, error="the structured-output grammar refused the sampled token")
         for j, hidden in keep.items():
             seq = out.seqs[j]
             sampled[j] = replace(sampled[j], prompt=prompt_logprobs(self.model.logits_of, hidden, seq.prompt_ids,

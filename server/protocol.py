@@ -46,6 +46,46 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+    name: Text = Field(..., max_length=64)
+    description: Text | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: text (default), any JSON object, or JSON following a schema."""
+
+    model_config = STRICT
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError('json_schema is required with (and only with) type "json_schema"')
+        return self
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's structured_outputs: exactly one of json (a schema), json_object, regex, choice."""
+
+    model_config = STRICT
+    json_: dict[str, Any] | Text | None = Field(None, alias="json")
+    json_object: bool | None = None
+    regex: Text | None = Field(None, max_length=10_000)
+    choice: list[Text] | None = Field(None, min_length=1, max_length=1000)
+
+    @model_validator(mode="after")
+    def _one(self):
+        given = [k for k in ("json_", "regex", "choice") if getattr(self, k) is not None] + (
+            ["json_object"] if self.json_object else [])
+        if len(given) != 1:
+            raise ValueError("structured_outputs takes exactly one of json, json_object, regex, choice")
+        return self
+
+
 class SamplingFields(BaseModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -72,7 +112,8 @@ class SamplingFields(BaseModel):
         None, description="token id (as a string) -> bias added to its logit, -100..100")
     min_tokens: int = Field(0, ge=0, le=2**31, description="vLLM: no end-of-sequence or stop token before this many")
     stop_token_ids: list[TokenId] | None = Field(None, max_length=64, description="vLLM: token ids that end the request")
-    response_format: dict[str, Any] | None = Field(None, description='only {"type": "text"} (the default)')
+    response_format: ResponseFormat | None = Field(None, description="text, json_object or json_schema (structured output)")
+    structured_outputs: StructuredOutputs | None = Field(None, description="vLLM: json, json_object, regex or choice")
     tools: list[dict[str, Any]] | None = Field(None, description="only null or [] (tools are not supported)")
     tool_choice: str | dict[str, Any] | None = Field(None, description='only null or "none"')
 
@@ -95,8 +136,11 @@ class SamplingFields(BaseModel):
             raise ValueError("logit_bias keys must be token ids written as strings, e.g. {\"50256\": -100}")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError("min_tokens must not exceed max_tokens")
-        if self.response_format not in (None, {"type": "text"}):
-            raise ValueError('response_format is not supported beyond {"type": "text"}')
+        if self.structured_outputs is not None and self.response_format is not None and \
+                self.response_format.type != "text":
+            raise ValueError("give response_format or structured_outputs, not both")
+        if self.grammar_requested() and self.ignore_eos:
+            raise ValueError("ignore_eos cannot be combined with structured output (the grammar ends the text)")
         if self.tools:
             raise ValueError("tools are not supported")
         if self.tool_choice not in (None, "none"):
@@ -104,6 +148,10 @@ class SamplingFields(BaseModel):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options needs stream=true")
         return self
+
+    def grammar_requested(self) -> bool:
+        return self.structured_outputs is not None or (
+            self.response_format is not None and self.response_format.type != "text")
 
 
 class CompletionRequest(SamplingFields):

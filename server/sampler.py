@@ -14,6 +14,7 @@ from collections.abc import Sequence as Seq
 
 import torch
 
+from server.grammar import apply_masks
 from server.logits import process
 from server.sequence import SampledToken, SamplingParams
 
@@ -60,17 +61,21 @@ class Sampler:
 
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.Generator | None],
-               prompts: Seq[list[int]] | None = None, outputs: Seq[list[int]] | None = None) -> list[SampledToken]:
+               prompts: Seq[list[int]] | None = None, outputs: Seq[list[int]] | None = None,
+               matchers: Seq[object | None] | None = None) -> list[SampledToken]:
         """logits: [B, V] float32 -> one SampledToken per row. `prompts`/`outputs` (each row's token ids) feed
         the penalties, logit_bias and min_tokens (server.logits); logprobs stay those of the raw model. A row
         whose logits are not all finite (an adapter that overflows) gets an error instead of a token: it fails
-        alone, the others are untouched."""
+        alone, the others are untouched. `matchers` (structured output) mask their rows last, so the
+        constraint holds whatever the penalties did."""
         bad = (~torch.isfinite(logits).all(-1)).nonzero().flatten().tolist()
         if bad:
             logits = logits.clone()
             logits[bad] = 0.0  # sample the healthy rows exactly as if the bad ones were not there
         x = logits if prompts is None else process(logits, params, prompts, outputs or [[]] * len(params),
                                                      self.eos_ids)
+        if matchers is not None:
+            x = apply_masks(x, matchers)
         tokens = x.argmax(-1)  # [B]
         hot = [b for b, p in enumerate(params) if p.temperature > 0]
         if hot:

@@ -35,6 +35,7 @@ class SamplingParams:
     min_tokens: int = 0  # vLLM: no end-of-sequence or stop token before this many tokens
     stop_token_ids: tuple[int, ...] = ()  # vLLM: these tokens end the request like end-of-sequence
     prompt_logprobs: int | None = None  # None = none; k >= 0: each prompt token's logprob + top-k alternatives
+    grammar: object | None = field(default=None, compare=False)  # compiled structured-output grammar (opaque)
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     prompt_logprobs: list[PromptLogprob | None] | None = None  # set at prefill when params ask for them
     prompt_sent: bool = False  # the prompt logprobs went out (with the first output)
+    matcher: object | None = None  # this request's grammar matcher (structured output), advanced by the runner
     logprobs: list[SampledToken] = field(default_factory=list)  # per output token, when requested
     status: Status = Status.WAITING
     row: int = -1

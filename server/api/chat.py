@@ -11,7 +11,7 @@ from server.api import generation
 from server.api.deps import EngineDep, ServedDep, StoreDep, TokenizerDep
 from server.api.generation import Run, usage
 from server.api.metering import Meter, MeterDep
-from server.api.inputs import chat_prompt, off_loop, completion_tokens, resolve_adapter, sampling_params
+from server.api.inputs import chat_prompt, completion_tokens, off_loop, resolve_adapter, sampling_params, with_grammar
 from server.api.streaming import DONE, event, sse
 from server.engine import Engine, TokenLogprob
 from server.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
@@ -34,8 +34,8 @@ async def chat_completions(req: ChatCompletionRequest, engine: EngineDep, store:
     meter.adapter = adapter.name if adapter else None
     top = (req.top_logprobs or 0) if req.logprobs else None
     rid = new_id("chatcmpl")
-    runs = await generation.start(engine, [prompt], sampling_params(req, max_tokens, top), meter.adapter, req.n,
-                                  rid, meter.principal.tenant)
+    params = await with_grammar(sampling_params(req, max_tokens, top), req, engine)
+    runs = await generation.start(engine, [prompt], params, meter.adapter, req.n, rid, meter.principal.tenant)
     model = adapter.shown if adapter else served.name
     if req.stream:
         meter.streaming = True

@@ -12,7 +12,7 @@ from server.api import echo, generation
 from server.api.deps import EngineDep, ServedDep, StoreDep, TokenizerDep
 from server.api.generation import Result, Run, usage
 from server.api.metering import Meter, MeterDep
-from server.api.inputs import completion_prompts, off_loop, resolve_adapter, sampling_params
+from server.api.inputs import completion_prompts, off_loop, resolve_adapter, sampling_params, with_grammar
 from server.api.streaming import DONE, event, sse
 from server.engine import Engine
 from server.protocol import CompletionChoice, CompletionRequest, CompletionResponse, new_id, now
@@ -30,6 +30,7 @@ async def completions(req: CompletionRequest, engine: EngineDep, store: StoreDep
     meter.charge(prompts, req.max_tokens, req.n)
     meter.adapter = adapter.name if adapter else None
     params = replace(sampling_params(req, req.max_tokens, req.logprobs), prompt_logprobs=echo.prompt_logprobs_k(req))
+    params = await with_grammar(params, req, engine)
     texts = echo.prompt_texts(req, prompts, tokenizer) if req.echo else None
     rid = new_id("cmpl")
     runs = await generation.start(engine, prompts, params, meter.adapter, req.n, rid, meter.principal.tenant)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from starlette.concurrency import run_in_threadpool
@@ -12,6 +14,7 @@ from server.api.auth import Tenancy
 from server.api.deps import Served
 from server.engine import SamplingParams
 from server.errors import APIError
+from server.grammar import GrammarSpec, InvalidGrammar
 from server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from server.store import AdapterNotFound, AdapterStore, InvalidAdapterId
 from server.tenancy.access import Resolved, resolve
@@ -71,6 +74,42 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
                           max_tokens=16 if max_tokens is None else max_tokens, temperature=req.temperature, top_p=req.top_p,
                           top_k=req.top_k, seed=req.seed, stop=tuple(req.stop), ignore_eos=req.ignore_eos,
                           logprobs=logprobs)
+
+
+def grammar_spec(req: SamplingFields) -> GrammarSpec | None:
+    """What structured output the request asks for (response_format or vLLM's structured_outputs), if any."""
+    rf, so = req.response_format, req.structured_outputs
+    if rf is not None and rf.type == "json_object":
+        return GrammarSpec("json")
+    if rf is not None and rf.type == "json_schema":
+        return GrammarSpec.json_schema(rf.json_schema.schema_)
+    if so is None:
+        return None
+    if so.json_object:
+        return GrammarSpec("json")
+    if so.json_ is not None:
+        schema = so.json_
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except ValueError:
+                raise APIError(400, "structured_outputs.json must be a JSON schema", param="structured_outputs") from None
+        return GrammarSpec.json_schema(schema)
+    if so.regex is not None:
+        return GrammarSpec("regex", so.regex)
+    return GrammarSpec.choice(so.choice or [])
+
+
+async def with_grammar(params: SamplingParams, req: SamplingFields, engine: Any) -> SamplingParams:
+    """`params` with the request's compiled grammar (compiled in a worker thread, cached by spec hash)."""
+    spec = grammar_spec(req)
+    if spec is None:
+        return params
+    try:
+        compiled = await run_in_threadpool(engine.grammars.compile, spec)
+    except InvalidGrammar as exc:
+        raise APIError(400, str(exc), param="response_format", code="invalid_schema") from None
+    return replace(params, grammar=compiled)
 
 
 def completion_prompts(req: CompletionRequest, tokenizer: Any) -> list[list[int]]:

@@ -80,7 +80,7 @@ def test_every_field_of_the_wrong_type_is_a_400(client, field, value):
     ({"prompt": "hi", "n": None}, "n"),
     ({"prompt": "hi", "top_k": 1.5}, "top_k"),
     ({"prompt": "hi", "stream_options": {"include_usage": True}}, "stream"),
-    ({"prompt": "hi", "response_format": {"type": "json_object"}}, "response_format"),
+    ({"prompt": "hi", "response_format": {"type": "xml"}}, "response_format"),
     ({"prompt": "hi", "tools": [{"type": "function"}]}, "tools"),
     ({"prompt": "hi", "tool_choice": "auto"}, "tool_choice"),
 ])

@@ -56,9 +56,9 @@ def tiny_server(store: str, database_url: str, **settings) -> tuple[TestClient, 
     base = tiny_chat_model()
     factors = compute_factors(base.targets, R_MAX, progress=False)
     model = AdaptedModel(base, factors, n_slots=9)
-    config = build_config(Settings(store=store, max_rank=R_MAX, device="cpu", max_resident_adapters=8,
-                                   max_model_len=96, max_adapter_bytes=65536, database_url=database_url,
-                                   **settings))
+    defaults = dict(max_rank=R_MAX, device="cpu", max_resident_adapters=8, max_model_len=96,
+                    max_adapter_bytes=65536)
+    config = build_config(Settings(store=store, database_url=database_url, **(defaults | settings)))
     return TestClient(create_app(config, model=model), raise_server_exceptions=False), base, factors
 
 
