@@ -101,6 +101,13 @@ def create_app(config: Config, model=None) -> FastAPI:
     app.add_middleware(RateLimitHeaders)
     app.add_middleware(Options)
     app.add_middleware(BodyLimit, max_bytes=config.http.max_request_bytes, timeout_s=config.http.upload_timeout_seconds)
+    if config.http.allowed_origins:  # outermost, so a browser's preflight OPTIONS is answered by CORS
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.http.allowed_origins), allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=["x-ratelimit-limit-requests",
+                           "x-ratelimit-remaining-requests", "x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens",
+                           "retry-after"])
     for router in routers:
         app.include_router(router)
     return app

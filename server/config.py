@@ -41,6 +41,7 @@ class Settings(BaseSettings):
     merge_policy: MergePolicy = Field("auto", description="never | auto | always: merge one adapter into the weights")
     targets: str = Field("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", description="adapted linear layers")
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field("info", description="log level")
+    allowed_origins: str = Field("", description="CORS: comma-separated origins browsers may call from ('*' for any); empty: no CORS")
     max_request_bytes: int = Field(4 * 2**20, ge=1024, description="largest JSON request body accepted (bytes)")
     max_upload_bytes_in_flight: int = Field(1024 * 2**20, ge=1024, description="adapter bytes being uploaded at once, all clients together; more: 503 with Retry-After")
     upload_timeout_seconds: float = Field(30.0, gt=0, description="an upload that sends nothing for this long is dropped")
@@ -93,6 +94,7 @@ class HttpConfig:
     max_upload_bytes_in_flight: int = 1024 * 2**20
     upload_timeout_seconds: float = 30.0
     shutdown_grace_seconds: float = 10.0
+    allowed_origins: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -208,7 +210,8 @@ def build_config(s: Settings) -> Config:
         http=HttpConfig(host=s.host, port=s.port, log_level=s.log_level, max_adapter_bytes=s.max_adapter_bytes,
                         max_request_bytes=s.max_request_bytes, max_upload_bytes_in_flight=s.max_upload_bytes_in_flight,
                         upload_timeout_seconds=s.upload_timeout_seconds,
-                        shutdown_grace_seconds=s.shutdown_grace_seconds),
+                        shutdown_grace_seconds=s.shutdown_grace_seconds,
+                        allowed_origins=tuple(o.strip() for o in s.allowed_origins.split(",") if o.strip())),
         parsed_adapter_cache_bytes=s.parsed_adapter_cache_bytes,
         store=s.store,
         tenancy=TenancyConfig(

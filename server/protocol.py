@@ -213,6 +213,9 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
+    add_generation_prompt: bool = Field(True, description="vLLM: open the assistant's turn after the messages")
+    continue_final_message: bool = Field(False, description="vLLM: continue the last (assistant) message, unclosed")
+    chat_template_kwargs: dict[str, Any] | None = Field(None, description="vLLM: extra variables for the chat template")
     max_completion_tokens: int | None = Field(None, ge=1, le=2**31)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
@@ -221,6 +224,11 @@ class ChatCompletionRequest(SamplingFields):
     def _top_logprobs(self):
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs=true")
+        if self.continue_final_message and (self.add_generation_prompt or self.messages[-1].role != "assistant"):
+            raise ValueError("continue_final_message needs add_generation_prompt=false and a last assistant message")
+        reserved = {"messages", "add_generation_prompt", "continue_final_message", "tokenize", "tools"}
+        if self.chat_template_kwargs and reserved & set(self.chat_template_kwargs):
+            raise ValueError(f"chat_template_kwargs may not set {sorted(reserved & set(self.chat_template_kwargs))}")
         return self
 
 

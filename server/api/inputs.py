@@ -129,7 +129,9 @@ def chat_prompt(req: ChatCompletionRequest, tokenizer: Any) -> list[int]:
     """The model's chat template applied to the messages, ending with the assistant's turn."""
     messages = [{"role": m.role, "content": m.text()} for m in req.messages]
     try:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt,
+                                            continue_final_message=req.continue_final_message, tokenize=True,
+                                            **(req.chat_template_kwargs or {}))
     except Exception as exc:  # jinja raises TemplateError (e.g. roles out of order) or ValueError (no template)
         raise APIError(400, f"messages do not fit the model's chat template: {exc}", param="messages") from None
     if hasattr(ids, "keys"):  # transformers 5 answers a BatchEncoding
