@@ -53,7 +53,7 @@ def _choice(req: CompletionRequest, r: Result, tokenizer, prompt_text: str | Non
         lps = echo.logprobs(r.prompt_token_ids, prefix, r.logprobs, req.logprobs, tokenizer)
     vllm = None
     if req.prompt_logprobs is not None and r.prompt_logprobs is not None:
-        vllm = echo.vllm_prompt_logprobs(r.prompt_logprobs, req.prompt_logprobs, tokenizer, r.prompt_token_ids)
+        vllm = echo.vllm_prompt_logprobs(r.prompt_logprobs, req.prompt_logprobs, tokenizer)
     return CompletionChoice(index=r.index, text=(prompt_text or "") + r.text, finish_reason=r.finish_reason,
                             logprobs=lps, prompt_logprobs=vllm, prompt_token_ids=r.prompt_token_ids if ids else None,
                             token_ids=r.token_ids if ids else None)

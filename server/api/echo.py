@@ -43,8 +43,7 @@ def logprobs(prompt_ids: list[int], prefix: list[PromptLogprob | None] | None,
     return out
 
 
-def vllm_prompt_logprobs(plps: list[PromptLogprob | None], k: int, tokenizer: Any,
-                         prompt_ids: list[int]) -> list[dict[str, dict] | None]:
+def vllm_prompt_logprobs(plps: list[PromptLogprob | None], k: int, tokenizer: Any) -> list[dict[str, dict] | None]:
     """vLLM's shape: per prompt token None (the first) or {token id: {logprob, rank, decoded_token}} with the
     prompt's own token and the top-k alternatives."""
     out: list[dict[str, dict] | None] = []
