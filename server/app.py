@@ -54,6 +54,28 @@ def open_tenancy(config: Config, store=None):
     return Tenancy(service, open_allowed=t.open_allowed)
 
 
+def open_store_and_tenancy(config: Config, spec):
+    """The adapter store --store names and the tenants' database. A local store is opened first (its checks
+    name an unusable directory before the database, which defaults to a file in it, is touched); an s3:// store
+    after the database, which holds its index."""
+    from server.config import default_store_cache_dir
+    from server.store import is_s3_url, open_store
+
+    def store(engine=None):
+        return open_store(config.store, spec, engine=engine, cache_dir=config.store_cache_dir or default_store_cache_dir(),
+                          cache_bytes=config.store_cache_bytes, parsed_cache_bytes=config.parsed_adapter_cache_bytes)
+
+    if not is_s3_url(config.store):
+        local = store()
+        return local, open_tenancy(config, local)
+    tenancy = open_tenancy(config)
+    try:
+        return store(tenancy.service.db.engine), tenancy
+    except BaseException:
+        tenancy.service.db.dispose()
+        raise
+
+
 def _safe_url(url: str) -> str:
     from sqlalchemy.engine import make_url
 
@@ -67,14 +89,12 @@ def create_app(config: Config, model=None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         from server.engine import Engine
-        from server.store import AdapterStore
 
         started = time.monotonic()
         adapted = model if model is not None else await anyio.to_thread.run_sync(load_model, config)
         tokenizer = adapted.base.tokenizer
-        store = await anyio.to_thread.run_sync(  # indexes the headers; StoreNotWritable names an unusable path
-            lambda: AdapterStore(config.store, adapted.spec, parsed_cache_bytes=config.parsed_adapter_cache_bytes))
-        tenancy = await anyio.to_thread.run_sync(open_tenancy, config, store)
+        # indexes the headers (local) or checks the bucket (S3); StoreNotWritable names what cannot be used
+        store, tenancy = await anyio.to_thread.run_sync(open_store_and_tenancy, config, adapted.spec)
         engine = Engine(config.engine, adapted, tokenizer, store, weight=tenancy.weight)
         engine.start()
         app.state.config, app.state.store, app.state.engine, app.state.tokenizer = config, store, engine, tokenizer
@@ -87,7 +107,7 @@ def create_app(config: Config, model=None) -> FastAPI:
         app.state.served = Served(name=adapted.base.name, fingerprint=adapted.base.fingerprint,
                                   created=int(time.time()), max_model_len=config.engine.max_model_len)
         log.info("serving %s (fingerprint %s) on %s, store %s; ready in %.1f s", adapted.base.name,
-                 adapted.base.fingerprint, config.model.device, store.root, time.monotonic() - started)
+                 adapted.base.fingerprint, config.model.device, store.location, time.monotonic() - started)
         try:
             yield
         finally:

@@ -68,7 +68,7 @@ def database_url(args: argparse.Namespace) -> str:
     from server.config import default_database_url
 
     return (args.database_url or os.environ.get("SVDSERVE_DATABASE_URL")
-            or default_database_url(args.store or os.environ.get("SVDSERVE_STORE") or "./adapters-store"))
+            or default_database_url(store_root(args), os.environ.get("SVDSERVE_STORE_CACHE_DIR")))
 
 
 def store_root(args: argparse.Namespace) -> str:

@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(32, ge=1, le=1024, description="most sequences decoded together")
     max_model_len: int = Field(2048, ge=16, description="most tokens (prompt + completion) per sequence")
     max_queue: int = Field(256, ge=1, description="waiting requests beyond which new ones get 429")
+    kv_cache_memory: str = Field("0.2", description="KV cache budget: bytes ('4GiB', '512MB') or a fraction of the device's memory ('0.2': of RAM on the CPU); never more than max_batch_size full-length sequences need")
+    max_num_batched_tokens: int = Field(512, ge=1, description="tokens computed per engine step (decode tokens + prompt chunks): a long prompt is prefilled in chunks of at most this many, alongside the running streams")
+    disable_prefix_caching: bool = Field(False, description="do not reuse the K/V of prompt prefixes across requests")
     max_resident_adapters: int = Field(64, ge=1, le=100_000, description="adapter slots on the device")
     max_adapter_bytes: int = Field(256 * 2**20, ge=1024, description="largest adapter upload accepted (bytes)")
     merge_policy: MergePolicy = Field("auto", description="never | auto | always: merge one adapter into the weights")
@@ -55,6 +58,14 @@ class Settings(BaseSettings):
     quota_requests_per_minute: int | None = Field(None, ge=0, description="default per-tenant quota: generation requests per minute")
     quota_tokens_per_minute: int | None = Field(None, ge=0, description="default per-tenant quota: prompt + completion tokens per minute")
     quota_max_concurrent_requests: int | None = Field(None, ge=0, description="default per-tenant quota: generation requests in flight")
+
+    @field_validator("kv_cache_memory")
+    @classmethod
+    def _kv_cache_memory(cls, v: str) -> str:
+        from server.kv.budget import parse_memory
+
+        parse_memory(v)  # a ValueError that says what is accepted
+        return v
 
     @field_validator("targets")
     @classmethod
@@ -82,6 +93,10 @@ class EngineConfig:
     max_queue: int
     max_resident_adapters: int
     merge_policy: MergePolicy
+    kv_cache_memory: str = "0.2"  # bytes or a fraction of the device's memory (server.kv.budget)
+    max_num_batched_tokens: int = 512  # tokens per step (decode tokens + prompt chunks)
+    kv_block_size: int = 16  # tokens per KV block
+    prefix_caching: bool = True
 
 
 @dataclass(frozen=True)
@@ -206,7 +221,9 @@ def build_config(s: Settings) -> Config:
                           n_slots=s.max_resident_adapters + 1),
         engine=EngineConfig(max_batch_size=s.max_batch_size, max_model_len=s.max_model_len,
                             max_queue=s.max_queue, max_resident_adapters=s.max_resident_adapters,
-                            merge_policy=s.merge_policy),
+                            merge_policy=s.merge_policy, kv_cache_memory=s.kv_cache_memory,
+                            max_num_batched_tokens=max(s.max_num_batched_tokens, s.max_batch_size),
+                            prefix_caching=not s.disable_prefix_caching),
         http=HttpConfig(host=s.host, port=s.port, log_level=s.log_level, max_adapter_bytes=s.max_adapter_bytes,
                         max_request_bytes=s.max_request_bytes, max_upload_bytes_in_flight=s.max_upload_bytes_in_flight,
                         upload_timeout_seconds=s.upload_timeout_seconds,

@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters.file import AdapterFormatError
 from server.sequence import ContextLengthExceeded
-from server.store import AdapterNotFound, InvalidAdapterId, StorageQuotaExceeded, StoreFull
+from server.store import AdapterNotFound, InvalidAdapterId, StorageQuotaExceeded, StoreFull, StoreUnavailable
 from server.tenancy.limiter import NeverAdmitted, RateLimited
 from server.tenancy.service import TenancyError
 
@@ -66,6 +66,8 @@ def as_api_error(exc: Exception) -> APIError:
         return APIError(400, f"invalid adapter: {exc}", code="invalid_adapter")
     if isinstance(exc, StoreFull):
         return APIError(507, str(exc), code="insufficient_storage")
+    if isinstance(exc, StoreUnavailable):
+        return APIError(503, str(exc), code="store_unavailable", headers={"Retry-After": "2"})
     if isinstance(exc, StorageQuotaExceeded):
         return APIError(403, str(exc), param=exc.param, code="quota_exceeded")
     if isinstance(exc, RateLimited):

@@ -161,3 +161,25 @@ def postgres() -> Iterator[PostgresServer]:
         pytest.skip("PostgreSQL server binaries not found: apt-get install postgresql-15")
     with PostgresServer(bin_dir) as pg:
         yield pg
+
+
+# ---- a throwaway S3 server ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's standalone S3 server (tests/s3server.py) for the session; `.env` holds the AWS_* variables that
+    point a client at it, `.new_bucket()` makes a fresh bucket."""
+    from tests.s3server import S3Server
+
+    with S3Server() as s3:
+        yield s3
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """The AWS_* environment of the test S3 server, set in this process for the test."""
+    for key in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(key)
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    return s3_server

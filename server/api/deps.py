@@ -12,7 +12,7 @@ from fastapi import Depends, Request
 
 from server.config import Config
 from server.engine import Engine
-from server.store import AdapterStore
+from server.store import Store
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ def get_engine(request: Request) -> Engine:
     return _state(request, "engine")
 
 
-def get_store(request: Request) -> AdapterStore:
+def get_store(request: Request) -> Store:
     return _state(request, "store")
 
 
@@ -50,7 +50,7 @@ def get_config(request: Request) -> Config:
 
 
 EngineDep = Annotated[Engine, Depends(get_engine)]
-StoreDep = Annotated[AdapterStore, Depends(get_store)]
+StoreDep = Annotated[Store, Depends(get_store)]
 TokenizerDep = Annotated[Any, Depends(get_tokenizer)]
 ServedDep = Annotated[Served, Depends(get_served)]
 ConfigDep = Annotated[Config, Depends(get_config)]

@@ -1,4 +1,4 @@
-"""The adapter store: validated adapter files, one directory per tenant, `<tenant>/<id>.safetensors`.
+"""The local adapter store (the default backend): validated adapter files, one directory per tenant, `<tenant>/<id>.safetensors`.
 
 Below the HTTP layer an adapter is named `tenant/id` (a plain `id` is the `default` tenant's: open mode and
 stores from before tenants). Writes go to a temporary file in the same directory (`.upload-*.tmp`, held under
@@ -38,107 +38,25 @@ import os
 import re
 import struct
 import tempfile
-import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 
 from adapters.file import MAX_HEADER, Adapter, AdapterFormatError, BaseSpec, parse_adapter, peek_metadata
 from adapters.methods import get_method
+from server.store.base import (DEFAULT_PARSED_CACHE_BYTES, DEFAULT_TENANT, ID_RE, TENANT_RE, AdapterInfo,
+                               AdapterNotFound, StorageLimit, Store, StoredAdapter, StoreFull, StoreNotWritable,
+                               quota_error, split_name)
 
 log = logging.getLogger(__name__)
 
-ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
-TENANT_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
-DEFAULT_TENANT = "default"
 SUFFIX = ".safetensors"
 SIDECAR = ".sha256"  # `<id>.safetensors.sha256`
 TEMP_PREFIX, TEMP_SUFFIX = ".upload-", ".tmp"
-DEFAULT_PARSED_CACHE_BYTES = 512 * 2**20
 HASH_CHUNK = 1 << 20
 FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 UNLOCKABLE_TEMP_AGE_S = 3600.0  # where flock is unsupported, a temp file this old is a crash's leftover
 
 StatKey = tuple[int, int, int, int]  # (size, mtime_ns, ctime_ns, inode)
-
-
-class InvalidAdapterId(ValueError):
-    pass
-
-
-class AdapterNotFound(KeyError):
-    def __str__(self) -> str:
-        return f"adapter {self.args[0]!r} not found"
-
-
-class StoreFull(Exception):
-    """The disk under the store is full (ENOSPC) or over its quota (EDQUOT): HTTP 507; nothing changed."""
-
-
-class StoreNotWritable(RuntimeError):
-    """The store's directory cannot be created or written; the message names the path."""
-
-
-class StorageQuotaExceeded(Exception):
-    """Storing the adapter would exceed the tenant's storage quota (HTTP 403 quota_exceeded)."""
-
-    def __init__(self, message: str, param: str):
-        super().__init__(message)
-        self.param = param
-
-
-@dataclass(frozen=True)
-class StorageLimit:
-    max_adapters: int | None = None
-    max_bytes: int | None = None
-
-
-@dataclass(frozen=True)
-class AdapterInfo:
-    id: str
-    method: str
-    rank: int
-    bytes: int
-    sha256: str
-    description: str | None = None
-    tenant: str = DEFAULT_TENANT
-
-    @property
-    def name(self) -> str:
-        return f"{self.tenant}/{self.id}"
-
-
-@dataclass(frozen=True)
-class StoredAdapter:
-    info: AdapterInfo
-    adapter: Adapter
-
-    @property
-    def version(self) -> str:
-        return self.info.sha256
-
-
-def check_id(adapter_id: str) -> str:
-    """Ids are 1–64 characters of [A-Za-z0-9._-], matched in full, and never a path ('.', '..' refused)."""
-    if not isinstance(adapter_id, str) or not ID_RE.fullmatch(adapter_id) or adapter_id in (".", ".."):
-        raise InvalidAdapterId(f"invalid adapter id {adapter_id!r}: use 1-64 characters of A-Z a-z 0-9 . _ -")
-    return adapter_id
-
-
-def split_name(name: str) -> tuple[str, str]:
-    """`tenant/id` or `id` (the default tenant's) as (tenant, id), both checked."""
-    tenant, sep, adapter_id = name.rpartition("/")
-    if not sep:
-        return DEFAULT_TENANT, check_id(adapter_id)
-    if not TENANT_RE.fullmatch(tenant):
-        raise InvalidAdapterId(f"invalid adapter id {name!r}: use id or tenant/id, each 1-64 characters of "
-                               "A-Z a-z 0-9 . _ -")
-    return tenant, check_id(adapter_id)
-
-
-def qualified(name: str) -> str:
-    """The canonical `tenant/id` of a name."""
-    return "/".join(split_name(name))
 
 
 def check_writable(path: str) -> None:
@@ -220,60 +138,22 @@ class _Entry:
     error: str | None = None
 
 
-class _ParsedCache:
-    """Parsed adapters, least recently used first, bounded by the bytes of their tensors."""
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
-        self.bytes = 0
-        self._items: OrderedDict[str, tuple[StoredAdapter, StatKey, int]] = OrderedDict()
-
-    def get(self, name: str, key: StatKey) -> StoredAdapter | None:
-        item = self._items.get(name)
-        if item is None or item[1] != key:
-            return None
-        self._items.move_to_end(name)
-        return item[0]
-
-    def put(self, name: str, stored: StoredAdapter, key: StatKey) -> None:
-        self.pop(name)
-        size = adapter_nbytes(stored.adapter)
-        if size > self.max_bytes:
-            return
-        self._items[name] = (stored, key, size)
-        self.bytes += size
-        while self.bytes > self.max_bytes:
-            _, (_, _, evicted) = self._items.popitem(last=False)
-            self.bytes -= evicted
-
-    def pop(self, name: str) -> None:
-        item = self._items.pop(name, None)
-        if item is not None:
-            self.bytes -= item[2]
-
-    def names(self) -> list[str]:
-        return list(self._items)
-
-
-def adapter_nbytes(adapter: Adapter) -> int:
-    """The host memory of a parsed adapter: the sum of its tensors' nbytes."""
-    tensors = [t for ps in adapter.layers.values() for t in ps.values()] + list(adapter.glob.values())
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-class AdapterStore:
+class LocalStore(Store):
     """Validated adapters on disk, an index of their infos, and an LRU of parsed files bounded in bytes."""
 
     def __init__(self, root: str, spec: BaseSpec, parsed_cache_bytes: int = DEFAULT_PARSED_CACHE_BYTES):
-        self.root, self.spec = os.path.abspath(root), spec
+        super().__init__(spec, parsed_cache_bytes)
+        self.root = os.path.abspath(root)
         check_writable(self.root)
-        self._lock = threading.Lock()
         self._index: dict[str, _Entry] = {}
-        self._cache = _ParsedCache(parsed_cache_bytes)
         self.removed_at_start = self._sweep()
         started = time.monotonic()
         n = sum(len(self._refresh(t)) for t in self.tenants())
         log.info("adapter store %s: %d adapters indexed in %.2f s", self.root, n, time.monotonic() - started)
+
+    @property
+    def location(self) -> str:
+        return self.root
 
     def _dir(self, tenant: str) -> str:
         return os.path.join(self.root, tenant)
@@ -368,7 +248,7 @@ class AdapterStore:
             key = _stat_key(os.fstat(fd))  # the committed inode, whatever the path names by now
             self._write_sidecar(path, key, sha)
             self._index[name] = _Entry(key, info)
-            self._cache.put(name, StoredAdapter(info, adapter), key)
+            self.counters.evictions += self._cache.put(name, StoredAdapter(info, adapter), key)
         try:
             _fsync_dir(self._dir(tenant))
         except OSError as exc:  # the rename is done; the directory's own flush is best effort
@@ -376,15 +256,8 @@ class AdapterStore:
         return info, created
 
     def _check_limit(self, tenant: str, adapter_id: str, size: int, limit: StorageLimit) -> None:
-        files = {i: s for i, s in self._sizes(tenant).items() if i != adapter_id}
-        if limit.max_adapters is not None and len(files) + 1 > limit.max_adapters:
-            raise StorageQuotaExceeded(f"storage quota exceeded: tenant {tenant!r} may store at most "
-                                       f"{limit.max_adapters} adapters (max_adapters)", "max_adapters")
-        if limit.max_bytes is not None and sum(files.values()) + size > limit.max_bytes:
-            raise StorageQuotaExceeded(f"storage quota exceeded: tenant {tenant!r} may store at most "
-                                       f"{limit.max_bytes} bytes of adapters (max_storage_bytes); this file "
-                                       f"({size} bytes) would bring it to {sum(files.values()) + size}",
-                                       "max_storage_bytes")
+        if (err := quota_error(tenant, self._sizes(tenant), adapter_id, size, limit)) is not None:
+            raise err
 
     def _sizes(self, tenant: str) -> dict[str, int]:
         out = {}
@@ -411,9 +284,11 @@ class AdapterStore:
             hit = self._cache.get(key_name, key)
             entry = self._index.get(key_name)
         if hit is not None:
+            self.counters.hits += 1
             return hit
         if entry is not None and entry.key == key and entry.info is None:
             raise AdapterFormatError(entry.error or "not a servable adapter")  # unchanged since it failed
+        started = time.monotonic()
         try:
             with open(path, "rb") as f:  # another replica may have written it
                 key = _stat_key(os.fstat(f.fileno()))
@@ -434,7 +309,9 @@ class AdapterStore:
         stored = StoredAdapter(info, adapter)
         with self._lock:
             self._index[key_name] = _Entry(key, info)
-            self._cache.put(key_name, stored, key)
+            self.counters.evictions += self._cache.put(key_name, stored, key)
+            self.counters.loads += 1
+            self.counters.load_seconds += time.monotonic() - started
         return stored
 
     def info(self, name: str) -> AdapterInfo:
@@ -584,27 +461,6 @@ class AdapterStore:
                 del self._index[key_name]
         return out
 
-    def delete_tenant(self, tenant: str) -> list[str]:
-        """Remove every adapter of a tenant; returns their ids."""
-        ids = self.ids(tenant)
-        for adapter_id in ids:
-            try:
-                self.delete(f"{tenant}/{adapter_id}")
-            except AdapterNotFound:
-                pass
-        return ids
-
-    # -- upkeep
-
-    def cached(self) -> list[str]:
-        """Names of the parsed adapters held in memory, least recently used first."""
-        with self._lock:
-            return self._cache.names()
-
-    @property
-    def cached_bytes(self) -> int:
-        return self._cache.bytes
-
     def _sweep(self) -> list[str]:
         """Remove what a crash left behind: temporary files no process holds (in the store's top level and
         every tenant's directory) and sidecars whose adapter is gone. Returns the paths removed."""
@@ -717,3 +573,6 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+AdapterStore = LocalStore  # the class's name from before there were backends (tests, benches, scripts)

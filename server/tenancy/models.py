@@ -79,3 +79,21 @@ class AuditEvent(Base):
     action: Mapped[str] = mapped_column(String(32))  # adapter.put, adapter.replace, adapter.delete, tenant.create, ...
     target: Mapped[str] = mapped_column(String(200))
     detail: Mapped[dict] = mapped_column(JSON, default=dict)
+
+
+class AdapterVersion(Base):
+    """The S3 store's index: the version (sha256 of the bytes, the name of an immutable object) each adapter
+    `tenant/id` is published at now, with what listings show. One row per adapter: publishing a version is one
+    upsert, unpublishing one delete, each its own transaction that every replica sharing the database sees."""
+
+    __tablename__ = "adapter_versions"
+    __table_args__ = (Index("ix_adapter_versions_sha256", "sha256"),)
+
+    tenant: Mapped[str] = mapped_column(String(64), primary_key=True)
+    adapter_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    method: Mapped[str] = mapped_column(String(32))
+    rank: Mapped[int] = mapped_column(Integer)
+    description: Mapped[str | None] = mapped_column(Text, nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

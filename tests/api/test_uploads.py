@@ -22,7 +22,7 @@ import httpx
 import psutil
 import uvicorn
 
-import server.store as store_mod
+import server.store.local as store_mod  # the local backend: its hashing, parsing and writes
 from adapters.factors import compute_factors
 from adapters.file import BaseSpec
 from adapters.runtime import AdaptedModel

@@ -13,7 +13,7 @@ import types
 
 import pytest
 
-import server.store as store_mod
+import server.store.local as store_mod  # the local backend: its hashing, parsing and writes
 from adapters.factors import compute_factors
 from adapters.file import AdapterFormatError, BaseSpec, parse_adapter
 from adapters.synthetic import random_adapter

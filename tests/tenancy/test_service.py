@@ -28,7 +28,7 @@ def service(db_url):
 def test_migrations_create_the_schema_and_are_idempotent(db_url):
     db = Database(db_url)
     try:
-        assert db.migrate() == db.migrate() == "0001"
+        assert db.migrate() == db.migrate() == "0002"
         tables = set(inspect(db.engine).get_table_names())
         assert {"tenants", "api_keys", "public_adapters", "usage", "audit", "alembic_version"} <= tables
     finally:
