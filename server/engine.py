@@ -92,6 +92,7 @@ class Engine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self.observer = None  # metrics (server.metrics.Metrics): on_step(sched) after each schedule, in this thread
         self.counters = {"tokens_generated_total": 0, "requests_total": 0, "step_count": 0,
                          "prefill_steps": 0, "decode_steps": 0, "aborted_total": 0}
 
@@ -132,7 +133,10 @@ class Engine:
 
     def _schedule(self) -> SchedulerOutput:
         with self._lock:
-            return self.scheduler.schedule()
+            sched = self.scheduler.schedule()
+        if self.observer is not None:
+            self.observer.on_step(sched)
+        return sched
 
     def _update(self, sched: SchedulerOutput, results: list[SampledToken]) -> bool:
         with self._lock:
