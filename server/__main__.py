@@ -21,10 +21,15 @@ def main(argv: list[str] | None = None) -> None:
         from server.cli import run
 
         raise SystemExit(run(argv))
+    if argv and argv[0] == "fleet":  # replicas on Ray Serve: server/fleet/
+        from server.fleet.launcher import main as fleet
+
+        raise SystemExit(fleet(argv[1:]))
     serve(argv)
 
 
-def serve(argv: list[str]) -> None:
+def read_config(argv: list[str]):
+    """The Config of these options and SVDSERVE_ variables; exits 2 naming what is wrong."""
     from server.config import build_config, load_settings
 
     try:
@@ -33,7 +38,11 @@ def serve(argv: list[str]) -> None:
         if isinstance(exc, ValidationError):
             _fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
         _fail(str(exc))
-    config = build_config(settings)
+    return build_config(settings)
+
+
+def serve(argv: list[str]) -> None:
+    config = read_config(argv)
     check_port(config.http.host, config.http.port)  # in a second, not after minutes of loading the model
     refuse_open_mode(config)
 
