@@ -183,3 +183,14 @@ def s3_env(s3_server, monkeypatch):
     for key, value in s3_server.env.items():
         monkeypatch.setenv(key, value)
     return s3_server
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """`tiny_chat_model()` saved as a Hugging Face directory, for real server processes (`--model DIR`) that
+    need no real model (start in seconds)."""
+    path = tmp_path_factory.mktemp("tiny-model")
+    base = tiny_chat_model()
+    base.model.save_pretrained(path)
+    base.tokenizer.save_pretrained(path)
+    return str(path)
