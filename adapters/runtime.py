@@ -14,6 +14,7 @@ copies the pristine weights back (never a float subtraction), so restore is bit-
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from contextlib import contextmanager
 
 import torch
@@ -25,6 +26,8 @@ from adapters.factors import LayerFactors
 from adapters.file import Adapter, BaseSpec
 from adapters.fused import FusedLinear, input_groups
 from adapters.methods import AdapterBatch, Bank, get_method
+
+BATCH_CACHE = 4  # batch objects kept for reuse (each holds its rows of the OSoRA slot table)
 
 
 class AdaptedLinear(nn.Linear):
@@ -87,7 +90,7 @@ class AdaptedModel:
         self._pristine: dict[str, torch.Tensor] | None = None
         self.fused = self._fuse()
         self._version = 0  # bumped whenever what a slot serves changes (load, unload, merge)
-        self._last_batch: tuple[tuple, AdapterBatch] | None = None
+        self._batches: OrderedDict[tuple, AdapterBatch] = OrderedDict()  # recent batch objects (LRU)
 
     def _fuse(self) -> list[FusedLinear]:
         """Group the target layers by shared input (adapters/fused.py) and give them the slot table."""
@@ -132,12 +135,18 @@ class AdaptedModel:
 
     def batch(self, slots: list[int]) -> AdapterBatch:
         """The per-step batch object for rows using `slots` (0 = base model). Decode steps mostly repeat
-        the previous step's slots: then the previous object (and its gathered table rows) is reused."""
+        the previous step's slots: then the earlier object (and its gathered table rows) is reused. A few are
+        kept, since a step with a prompt chunk runs two groups (decode rows, prefill rows)."""
         key = (tuple(slots), self._version)
-        if self._last_batch is not None and self._last_batch[0] == key:
-            return self._last_batch[1]
-        batch = self._build_batch(list(slots))
-        self._last_batch = (key, batch)
+        if self._batches and next(reversed(self._batches))[1] != self._version:
+            self._batches.clear()  # the slots changed: every kept object is stale
+        batch = self._batches.get(key)
+        if batch is not None:
+            self._batches.move_to_end(key)
+            return batch
+        batch = self._batches[key] = self._build_batch(list(slots))
+        while len(self._batches) > BATCH_CACHE:
+            self._batches.popitem(last=False)
         return batch
 
     def _build_batch(self, slots: list[int]) -> AdapterBatch:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -19,6 +20,9 @@ import torch
 from adapters.runtime import AdaptedModel
 from server.config import EngineConfig
 from server.grammar import Grammars
+from server.kv.blocks import BlockManager
+from server.kv.budget import bytes_per_token, num_blocks
+from server.kv.hashing import namespace
 from server.model_runner import ModelRunner
 from server.residency import Residency
 from server.scheduler import QueueFull, Scheduler, SchedulerOutput
@@ -27,6 +31,19 @@ from server.store import AdapterStore, qualified
 
 __all__ = ["Engine", "GenerationFailed", "GenerationRequest", "QueueFull", "RequestOutput", "SamplingParams", "TokenLogprob"]
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """The engine's load at one moment (Engine.snapshot())."""
+
+    running: int  # sequences in the running batch
+    waiting: int  # queued, including preempted sequences waiting to be recomputed
+    kv_blocks_used: int  # KV blocks referenced by running sequences
+    kv_blocks_total: int  # blocks in the pool (cached but unreferenced blocks count as free)
+    kv_usage: float  # kv_blocks_used / kv_blocks_total
+    running_adapters: dict[str, int]  # adapter `tenant/id` -> running sequences (base model left out)
+    waiting_adapters: dict[str, int]  # adapter `tenant/id` -> waiting sequences
 
 
 class GenerationFailed(Exception):
@@ -40,6 +57,7 @@ class GenerationRequest:
     params: SamplingParams
     adapter_id: str | None = None  # `tenant/id` (a plain id is the default tenant's); None = base model
     tenant: str = ""  # whose request: fair admission takes turns across tenants ("" = open mode)
+    cache_salt: str | None = None  # isolates its prefix-cache blocks from every request without the same salt
 
 
 @dataclass
@@ -63,6 +81,7 @@ class RequestOutput:
     completion_tokens: int  # total so far
     error: str | None = None  # why, when finish_reason is "error"
     prompt_logprobs: list[PromptLogprob | None] | None = None  # with the first output, when asked
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
 
 
 def eos_ids(tokenizer, model: torch.nn.Module) -> set[int]:
@@ -80,10 +99,13 @@ class Engine:
         self.config, self.model, self.tokenizer, self.store = config, model, tokenizer, store
         self.vocab_size = model.model.config.vocab_size
         self.residency = Residency(model, config.merge_policy, config.max_resident_adapters)
+        blocks = self._num_blocks(config, model)
+        kv = BlockManager(blocks, config.kv_block_size, caching=config.prefix_caching)
         self.scheduler = Scheduler(max_batch_size=config.max_batch_size, max_model_len=config.max_model_len,
                                    max_queue=config.max_queue, eos_ids=eos_ids(tokenizer, model.model),
-                                   slots=self.residency, weight=weight)
-        self.runner = ModelRunner(model, self.residency, config.max_batch_size, config.max_model_len, seed,
+                                   slots=self.residency, kv=kv, max_num_batched_tokens=config.max_num_batched_tokens,
+                                   weight=weight)
+        self.runner = ModelRunner(model, self.residency, blocks, config.kv_block_size, config.max_model_len, seed,
                                   tuple(self.scheduler.eos_ids))
         self._lock = threading.Lock()
         self._grammar_lock = threading.Lock()
@@ -94,7 +116,18 @@ class Engine:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self.observer = None  # metrics (server.metrics.Metrics): on_step(sched) after each schedule, in this thread
         self.counters = {"tokens_generated_total": 0, "requests_total": 0, "step_count": 0,
-                         "prefill_steps": 0, "decode_steps": 0, "aborted_total": 0}
+                         "prefill_steps": 0, "decode_steps": 0, "aborted_total": 0, "preemptions_total": 0,
+                         "batched_tokens_total": 0}
+
+    @staticmethod
+    def _num_blocks(config: EngineConfig, model: AdaptedModel) -> int:
+        """Blocks the --kv-cache-memory budget buys for this model (raises ValueError when too few)."""
+        cfg = model.model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        per_token = bytes_per_token(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, model.dtype)
+        return num_blocks(config.kv_cache_memory, per_token=per_token, block_size=config.kv_block_size,
+                          max_batch_size=config.max_batch_size, max_model_len=config.max_model_len,
+                          device=model.device)
 
     # ---- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -151,14 +184,17 @@ class Engine:
         if not sched.empty:
             c["step_count"] += 1
             c["prefill_steps" if sched.prefill else "decode_steps"] += 1
+            c["batched_tokens_total"] += sched.num_tokens
+        c["preemptions_total"] += len(sched.preempted)
         c["tokens_generated_total"] += len(results)
         c["aborted_total"] += len(sched.aborted)
 
     def _fail_running(self) -> None:
         # the queue head too: if admitting it is what fails (e.g. loading its adapter), it would fail forever
         with self._lock:
-            waiting = self.scheduler.waiting
-            ids = [s.request_id for s in self.scheduler.running] + ([waiting.peek().request_id] if waiting else [])
+            waiting, parked = self.scheduler.waiting, self.scheduler.preempted
+            head = parked[0] if parked else waiting.peek() if waiting else None
+            ids = [s.request_id for s in self.scheduler.running] + ([head.request_id] if head else [])
         for request_id in ids:
             self.abort(request_id)
 
@@ -215,7 +251,7 @@ class Engine:
         decode = lambda t: self.tokenizer.decode(t, skip_special_tokens=True)  # noqa: E731
         return Sequence(request_id=req.request_id, prompt_ids=list(ids), params=p,
                         detok=Detokenizer(decode, ids), adapter_key=key, adapter=adapter, tenant=req.tenant,
-                        matcher=matcher)
+                        matcher=matcher, kv_root=namespace(key, req.cache_salt))
 
     def abort(self, request_id: str) -> None:
         with self._lock:
@@ -233,26 +269,44 @@ class Engine:
     def abort_all(self) -> int:
         """Abort every running and waiting request (shutdown); returns how many."""
         with self._lock:
-            ids = [s.request_id for s in self.scheduler.running] + [s.request_id for s in self.scheduler.waiting]
+            sch = self.scheduler
+            ids = [s.request_id for s in [*sch.running, *sch.preempted, *sch.waiting]]
             for request_id in ids:
                 self.scheduler.abort(request_id)
         self._wake.set()
         return len(ids)
 
     def forget_adapter(self, name: str) -> None:
-        """Unload every resident version of the adapter `tenant/id` (or a default-tenant id)."""
+        """Unload every resident version of the adapter `tenant/id` (or a default-tenant id) and forget its
+        prefix-cache blocks: a deleted adapter's K/V are never served again, even to a re-upload."""
         # the adapter banks are inference tensors (made in the step thread): clearing them needs inference
         # mode in the caller's thread too
         with self._lock, torch.inference_mode():
             self.residency.forget(qualified(name))
+            self.scheduler.drop_adapter(qualified(name))
 
     def stats(self) -> dict[str, float | int]:
+        """Numbers only (GET /metrics turns each into a sample): the scheduler's state, the KV pool, counters."""
         with self._lock:
-            r = self.residency
-            return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+            r, kv = self.residency, self.scheduler.kv
+            return {"running": len(self.scheduler.running), "waiting": self.scheduler.num_waiting,
                     "resident_adapters": len(r.slot_of), "merged": int(r.merged is not None),
                     "adapter_loads_total": r.loads, "adapter_evictions_total": r.evictions,
-                    "merges_total": r.merges, **self.counters}
+                    "merges_total": r.merges, "kv_blocks_total": kv.num_blocks - 1, "kv_blocks_used": kv.num_used,
+                    "kv_usage": kv.num_used / (kv.num_blocks - 1), "kv_block_size": kv.block_size,
+                    "kv_cached_blocks": kv.cached_blocks, "prefix_cache_queried_tokens_total": kv.query_tokens,
+                    "prefix_cache_hit_tokens_total": kv.hit_tokens, **self.counters}
+
+    def snapshot(self) -> EngineSnapshot:
+        """Who runs and waits, by adapter, and how full the KV pool is (for metrics and routers)."""
+        with self._lock:
+            sch, kv = self.scheduler, self.scheduler.kv
+            return EngineSnapshot(
+                running=len(sch.running), waiting=sch.num_waiting, kv_blocks_used=kv.num_used,
+                kv_blocks_total=kv.num_blocks - 1, kv_usage=kv.num_used / (kv.num_blocks - 1),
+                running_adapters=dict(Counter(s.kv_owner for s in sch.running if s.kv_owner is not None)),
+                waiting_adapters=dict(Counter(s.kv_owner for s in [*sch.preempted, *sch.waiting]
+                                              if s.kv_owner is not None)))
 
     # ---- outputs ----------------------------------------------------------------------------------
     def _output(self, seq: Sequence) -> tuple[str, RequestOutput]:
@@ -265,7 +319,8 @@ class Engine:
                             logprobs=self._logprobs(lps) if lps is not None else None, finished=done,
                             finish_reason=seq.finish_reason if done else None,
                             prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids),
-                            error=seq.error if done else None, prompt_logprobs=prompt)
+                            error=seq.error if done else None, prompt_logprobs=prompt,
+                            cached_tokens=max(seq.cached_tokens, 0))
         return seq.request_id, out
 
     def _logprobs(self, lps: list[SampledToken]) -> list[TokenLogprob]:

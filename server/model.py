@@ -1,13 +1,16 @@
 """Our own forward for Llama-family decoders (Llama, SmolLM, Mistral without sliding window, Qwen2),
-built from the loaded Hugging Face model's modules, with an engine-managed KV cache.
+built from the loaded Hugging Face model's modules, over the engine's paged KV cache (server.kv).
 
 The HF modules supply the weights and the small pieces (embedding, RMSNorms, activation, rotary
 frequencies, LM head); attention, the cache and the layer loop are here. The adapted projections are
 called as `proj(x, batch)`, so each row's adapter reaches them explicitly.
 
-KV cache: per layer, K and V of shape [rows, n_kv_heads, max_len, head_dim], allocated once. A sequence
-owns one row while it runs. Prefill writes a batch of right-padded prompts into consecutive rows; decode
-feeds one token per row for rows 0..B-1 and attends over cache[:B, :, :L] with a per-row length mask.
+KV cache: a pool of blocks (server.kv.cache.PagedKVCache); each sequence reads and writes its own blocks
+through its block table. A step runs up to two groups of sequences, each one batched forward over all
+layers (the groups share nothing but the weights): the *decode* group, one token per sequence, attending
+over its gathered blocks with a per-row length mask; and the *prefill* group, right-padded prompt chunks
+that each continue a sequence's cached context (0 for a fresh prompt: then it attends over its own K/V
+only, with the causal mask, without reading the cache). Pad positions are never written to the cache.
 """
 
 from __future__ import annotations
@@ -17,45 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters.methods import AdapterBatch
+from server.kv.cache import PagedKVCache
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")
-
-
-class KVCache:
-    """K and V for every layer: [n_layers, rows, n_kv_heads, max_len, head_dim] each.
-
-    Allocated with torch.empty (pages are only committed when written) and zeroed lazily up to a
-    watermark: every read position below L must hold finite numbers (masked garbage NaNs would still
-    poison softmax·V), and every write position p is preceded by `ensure(p + 1)`, so zeroing never erases
-    written K/V.
-    """
-
-    def __init__(self, n_layers: int, rows: int, n_kv: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device):
-        shape = (n_layers, rows, n_kv, max_len, head_dim)
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
-        self.max_len, self.zeroed = max_len, 0
-
-    def ensure(self, length: int) -> None:
-        if length <= self.zeroed:
-            return
-        end = min(self.max_len, max(length, 2 * self.zeroed, 64))
-        self.k[:, :, :, self.zeroed:end].zero_()
-        self.v[:, :, :, self.zeroed:end].zero_()
-        self.zeroed = end
-
-    def clear(self, row: int) -> None:
-        """Zero a row. A failed request may leave inf/NaN K/V behind; attention masks stale positions by
-        adding -inf to their scores, which leaves NaN as NaN, so the row's next owner would inherit it."""
-        self.k[:, row].zero_()
-        self.v[:, row].zero_()
-
-    def move(self, src: int, dst: int, n: int) -> None:
-        """Copy the first n positions of row src into row dst (all layers)."""
-        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
-        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
 
 
 def rope_table(rotary: nn.Module, max_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,9 +67,10 @@ def mlp(m: nn.Module, x: torch.Tensor, batch: AdapterBatch | None) -> torch.Tens
 
 
 class DecoderModel:
-    """Prefill and decode over an HF Llama-family model whose target projections are AdaptedLinear."""
+    """Prefill and decode over an HF Llama-family model whose target projections are AdaptedLinear, with a
+    paged KV cache of `num_blocks` blocks of `block_size` tokens and positions up to `max_len`."""
 
-    def __init__(self, hf: nn.Module, max_rows: int, max_len: int):
+    def __init__(self, hf: nn.Module, num_blocks: int, block_size: int, max_len: int):
         cfg = hf.config
         _check_supported(cfg, max_len)
         inner = hf.model
@@ -114,8 +83,9 @@ class DecoderModel:
         w = self.embed.weight
         self.device, self.dtype = w.device, w.dtype
         self.cos, self.sin = (t.to(self.dtype) for t in rope_table(inner.rotary_emb, max_len, self.device))
-        self.cache = KVCache(len(self.layers), max_rows, self.n_kv, max_len, self.head_dim, self.dtype, self.device)
-        self.max_rows, self.max_len = max_rows, max_len
+        self.cache = PagedKVCache(len(self.layers), num_blocks, block_size, self.n_kv, self.head_dim, self.dtype,
+                                  self.device)
+        self.block_size, self.max_len = block_size, max_len
 
     def qkv(self, a: nn.Module, x: torch.Tensor, cos, sin, batch) -> tuple[torch.Tensor, ...]:
         # x: [B, T, D] -> q: [B, H, T, hd], k, v: [B, KV, T, hd] (rotary applied to q, k)
@@ -128,59 +98,78 @@ class DecoderModel:
         B, _, T, _ = o.shape
         return project((a.o_proj,), o.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim), batch)[0]
 
-    def prefill(self, tokens: torch.Tensor, last: torch.Tensor, row0: int, batch: AdapterBatch | None,
-                keep: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
-        """tokens: [n, T] right-padded prompts for cache rows row0..row0+n-1; last: [n] index of each
-        prompt's last token. Returns logits [n, V] (float32) at those positions. `keep`, when given, receives
-        for every one of its keys (an index into the n prompts) the final normed hidden states [T, D] of that
-        prompt (prompt logprobs: `logits_of` them in chunks, never a [T, V] tensor per prompt at once)."""
-        n, T = tokens.shape
-        self.cache.ensure(T)
-        cos, sin = self.cos[:T], self.sin[:T]  # [T, hd]
-        h = self.embed(tokens)  # [n, T, D]
+    def _layers(self, h: torch.Tensor, cos, sin, batch: AdapterBatch | None, attend) -> torch.Tensor:
+        """h: [B, T, D] through every layer; attend(layer index, q, k, v) -> o does the cache and attention."""
         for i, layer in enumerate(self.layers):
             a = layer.self_attn
             q, k, v = self.qkv(a, layer.input_layernorm(h), cos, sin, batch)
-            self.cache.k[i, row0:row0 + n, :, :T] = k
-            self.cache.v[i, row0:row0 + n, :, :T] = v
-            # right padding + causal mask: a real token never sees a pad token
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
-            h = h + self.out(a, o, batch)
+            h = h + self.out(a, attend(i, q, k, v), batch)
             h = h + mlp(layer.mlp, layer.post_attention_layernorm(h), batch)
+        return h
+
+    def slots(self, table: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Flat cache positions (block * block_size + offset) of positions `pos` of table rows `rows`."""
+        bs = self.block_size
+        return table[rows, pos // bs] * bs + pos % bs
+
+    def prefill(self, tokens: torch.Tensor, lens: torch.Tensor, ctx: torch.Tensor, table: torch.Tensor,
+                batch: AdapterBatch | None, keep: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """tokens: [C, T] right-padded prompt chunks; lens: [C] their lengths; ctx: [C] tokens of each row
+        already in the cache (the chunk's first position); table: [C, nb] block tables covering ctx + lens.
+        Writes the chunks' K/V, returns logits [C, V] (float32) at each chunk's last token. `keep`, when
+        given, receives for each of its keys (a row) the final normed hidden states [lens[row], D] (prompt
+        logprobs: `logits_of` them in chunks, never a [T, V] tensor per prompt at once)."""
+        C, T = tokens.shape
+        pos = ctx[:, None] + torch.arange(T, device=self.device)[None]  # [C, T]
+        valid = (torch.arange(T, device=self.device)[None] < lens[:, None]).flatten().nonzero()[:, 0]  # real tokens
+        slots = self.slots(table, valid // T, pos.flatten()[valid])
+        pos = pos.clamp(max=self.max_len - 1)  # pad positions only
+        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [C, 1, T, hd]
+        fresh = not bool(ctx.any())
+        if not fresh:  # key j is visible to query t of row c when j <= its position
+            L = table.shape[1] * self.block_size
+            mask = torch.zeros(C, 1, T, L, dtype=self.dtype, device=self.device)
+            hidden = torch.arange(L, device=self.device)[None, None, None] > pos[:, None, :, None]  # [C, 1, T, L]
+            mask.masked_fill_(hidden, float("-inf"))
+
+        def attend(i: int, q, k, v):
+            flat = lambda x: x.transpose(1, 2).reshape(C * T, self.n_kv, self.head_dim).index_select(0, valid)  # noqa: E731
+            self.cache.write(i, slots, flat(k), flat(v))
+            if fresh:  # right padding + causal mask: a real token never sees a pad token
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
+            kc, vc = self.cache.gather(i, table)
+            return F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=self.scale, enable_gqa=True)
+
+        h = self._layers(self.embed(tokens), cos, sin, batch, attend)  # [C, T, D]
         for j in keep or {}:
-            keep[j] = self.norm(h[j, :int(last[j]) + 1])  # [T_j, D]
-        h = h[torch.arange(n, device=h.device), last]  # [n, D]
+            keep[j] = self.norm(h[j, :int(lens[j])])  # [T_j, D]
+        h = h[torch.arange(C, device=h.device), lens - 1]  # [C, D]
         return self.lm_head(self.norm(h)).float()
 
     def logits_of(self, normed: torch.Tensor) -> torch.Tensor:
         """[T, D] normed hidden states -> [T, V] float32 logits."""
         return self.lm_head(normed).float()
 
-    def decode(self, tokens: torch.Tensor, pos: torch.Tensor, length: int,
+    def decode(self, tokens: torch.Tensor, pos: torch.Tensor, table: torch.Tensor,
                batch: AdapterBatch | None) -> torch.Tensor:
-        """tokens, pos: [B] the input token of cache rows 0..B-1 and its position; length = max(pos) + 1.
-        Returns logits [B, V] (float32)."""
+        """tokens, pos: [B] each row's input token and its position; table: [B, nb] block tables covering
+        pos + 1 tokens (padded with the null block). Returns logits [B, V] (float32)."""
         B = tokens.shape[0]
-        self.cache.ensure(length)
-        rows = torch.arange(B, device=self.device)
+        L = table.shape[1] * self.block_size
+        slots = self.slots(table, torch.arange(B, device=self.device), pos)
         cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]  # [B, 1, 1, hd]
         # additive float mask, built once per step (a bool mask is converted by SDPA in every layer)
-        visible = torch.arange(length, device=self.device)[None] <= pos[:, None]  # [B, L]
-        mask = torch.zeros(B, 1, 1, length, dtype=self.dtype, device=self.device)
+        visible = torch.arange(L, device=self.device)[None] <= pos[:, None]  # [B, L]
+        mask = torch.zeros(B, 1, 1, L, dtype=self.dtype, device=self.device)
         mask.masked_fill_(~visible[:, None, None], float("-inf"))  # [B, 1, 1, L]
-        h = self.embed(tokens[:, None])  # [B, 1, D]
-        for i, layer in enumerate(self.layers):
-            a = layer.self_attn
-            q, k, v = self.qkv(a, layer.input_layernorm(h), cos, sin, batch)
-            kc, vc = self.cache.k[i], self.cache.v[i]  # [rows, KV, max_len, hd]
-            kc[rows, :, pos] = k[:, :, 0]
-            vc[rows, :, pos] = v[:, :, 0]
-            o = F.scaled_dot_product_attention(q, kc[:B, :, :length], vc[:B, :, :length], attn_mask=mask,
-                                               scale=self.scale, enable_gqa=True)
-            h = h + self.out(a, o, batch)
-            h = h + mlp(layer.mlp, layer.post_attention_layernorm(h), batch)
-        return self.lm_head(self.norm(h[:, 0])).float()
 
+        def attend(i: int, q, k, v):
+            self.cache.write(i, slots, k[:, :, 0], v[:, :, 0])
+            kc, vc = self.cache.gather(i, table)  # [B, KV, L, hd]
+            return F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=self.scale, enable_gqa=True)
+
+        h = self._layers(self.embed(tokens[:, None]), cos, sin, batch, attend)  # [B, 1, D]
+        return self.lm_head(self.norm(h[:, 0])).float()
 
 def _check_supported(cfg, max_len: int) -> None:
     if cfg.model_type not in SUPPORTED:

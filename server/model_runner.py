@@ -1,8 +1,11 @@
-"""The model runner: one SchedulerOutput in, one SampledToken per sequence out.
+"""The model runner: one SchedulerOutput in, one SampledToken (or None) per scheduled sequence out.
 
-It turns the scheduler's plain lists into tensors and an AdapterBatch, brings the cache (row moves) and
-the weights (merge state) to what the step needs, runs the forward and samples. It owns the per-request
-generators of seeded requests, created at prefill and dropped when the scheduler reports the request gone.
+It turns the scheduler's plain lists into tensors and AdapterBatches, brings the cache (blocks to zero) and
+the weights (merge state) to what the step needs, runs the forward and samples. A step's sequences split
+into the decode group (one token each, sampled) and the prefill group (prompt chunks; sampled when the
+chunk ends the prompt); each group is one batched forward (server.model). The runner owns the per-request
+generators of seeded requests and the prompt logprobs of prompts being prefilled chunk by chunk, both
+dropped when the scheduler reports the request gone.
 """
 
 from __future__ import annotations
@@ -18,83 +21,113 @@ from server.residency import Residency
 from server.sampler import Sampler
 from server.scheduler import SchedulerOutput
 from server.sequence import PromptLogprob, SampledToken
-
+from server.kv.blocks import NULL_BLOCK
 
 PROMPT_CHUNK = 256  # prompt positions turned into [chunk, V] logits at a time
 
 
-def prompt_logprobs(logits_of, hidden: torch.Tensor, ids: list[int], k: int) -> list[PromptLogprob | None]:
-    """Each prompt token's logprob under the model given the tokens before it (the first has none), with the
-    top-k alternatives there. hidden: [T, D] normed states; computed in chunks of PROMPT_CHUNK positions."""
-    out: list[PromptLogprob | None] = [None]
-    target = torch.tensor(ids[1:], dtype=torch.long, device=hidden.device)
-    for s in range(0, len(ids) - 1, PROMPT_CHUNK):
-        lp = logits_of(hidden[s:s + PROMPT_CHUNK][: len(ids) - 1 - s]).log_softmax(-1)  # [c, V]
+def prompt_logprobs(logits_of, hidden: torch.Tensor, ids: list[int], start: int, k: int) -> list[PromptLogprob]:
+    """Logprobs of prompt tokens ids[start+1 .. start+T] under the model given the tokens before each, with the
+    top-k alternatives there; hidden: [T, D] normed states of positions start..start+T-1 (targets past the
+    prompt's end are left out). Computed in chunks of PROMPT_CHUNK positions."""
+    out: list[PromptLogprob] = []
+    n = min(hidden.shape[0], len(ids) - 1 - start)
+    target = torch.tensor(ids[start + 1:start + 1 + n], dtype=torch.long, device=hidden.device)
+    for s in range(0, n, PROMPT_CHUNK):
+        lp = logits_of(hidden[s:min(s + PROMPT_CHUNK, n)]).log_softmax(-1)  # [c, V]
         chosen = lp.gather(1, target[s:s + lp.shape[0], None])[:, 0].tolist()
         top_v, top_i = lp.topk(k, dim=-1) if k > 0 else (lp[:, :0], lp[:, :0].long())
         for c, (v, i) in enumerate(zip(top_v.tolist(), top_i.tolist())):
-            out.append(PromptLogprob(ids[s + c + 1], chosen[c], list(zip(i, v))))
+            out.append(PromptLogprob(ids[start + s + c + 1], chosen[c], list(zip(i, v))))
     return out
 
 
+def padded_table(tables: list[list[int]], device: torch.device) -> torch.Tensor:
+    """[B, nb] block tables padded with the null block."""
+    nb = max(len(t) for t in tables)
+    return torch.tensor([t + [NULL_BLOCK] * (nb - len(t)) for t in tables], dtype=torch.long, device=device)
+
+
 class ModelRunner:
-    def __init__(self, adapted: AdaptedModel, residency: Residency, max_batch_size: int, max_model_len: int,
-                 seed: int | None = None, eos_ids: tuple[int, ...] = ()):
+    def __init__(self, adapted: AdaptedModel, residency: Residency, num_blocks: int, block_size: int,
+                 max_model_len: int, seed: int | None = None, eos_ids: tuple[int, ...] = ()):
         self.adapted, self.residency = adapted, residency
-        self.model = DecoderModel(adapted.model, max_batch_size, max_model_len)
+        self.model = DecoderModel(adapted.model, num_blocks, block_size, max_model_len)
         self.device = self.model.device
         self.sampler = Sampler(seed, self.device, eos_ids)
         self.generators: dict[str, torch.Generator] = {}
+        self.prompt_lps: dict[str, list[PromptLogprob | None]] = {}  # prompts being prefilled, by request
 
     @torch.inference_mode()
-    def run(self, out: SchedulerOutput) -> list[SampledToken]:
+    def run(self, out: SchedulerOutput) -> list[SampledToken | None]:
         for request_id in out.finished_ids:
             self.generators.pop(request_id, None)
-        for row in out.clear_rows:
-            self.model.cache.clear(row)
-        for src, dst, n in out.cache_moves:
-            self.model.cache.move(src, dst, n)
+            self.prompt_lps.pop(request_id, None)
+        self.model.cache.zero(out.zero_blocks)
         self.residency.apply_merge(out.merged)
         if out.empty:
             return []
-        batch = self.adapted.batch(out.slots)
-        keep = {j: None for j, s in enumerate(out.seqs) if out.prefill and s.params.prompt_logprobs is not None}
-        logits = self._prefill(out, batch, keep) if out.prefill else self._decode(out, batch)
-        params = [s.params for s in out.seqs]
-        matchers = [s.matcher for s in out.seqs]
+        decode = [j for j, ids in enumerate(out.token_ids) if len(ids) == 1 and out.sample[j]]
+        chunks = [j for j in range(len(out.seqs)) if not (len(out.token_ids[j]) == 1 and out.sample[j])]
+        logits: dict[int, torch.Tensor] = {}
+        if decode:
+            logits.update(zip(decode, self._decode(out, decode)))
+        if chunks:
+            logits.update(zip(chunks, self._prefill(out, chunks)))
+        sampling = [j for j in range(len(out.seqs)) if out.sample[j]]
+        results: list[SampledToken | None] = [None] * len(out.seqs)
+        if sampling:
+            for j, res in zip(sampling, self._sample(out, sampling, torch.stack([logits[j] for j in sampling]))):
+                results[j] = res
+        return results
+
+    def _sample(self, out: SchedulerOutput, rows: list[int], logits: torch.Tensor) -> list[SampledToken]:
+        seqs = [out.seqs[j] for j in rows]
+        matchers = [s.matcher for s in seqs]
         constrained = any(m is not None for m in matchers)
-        sampled = self.sampler.sample(logits, params, self._generators(out), [s.prompt_ids for s in out.seqs],
-                                      [s.output_ids for s in out.seqs], matchers if constrained else None)
+        gens = [self._generator(s) for s in seqs]
+        sampled = self.sampler.sample(logits, [s.params for s in seqs], gens, [s.prompt_ids for s in seqs],
+                                      [s.output_ids for s in seqs], matchers if constrained else None)
         if constrained:
             for j, ok in enumerate(accept(matchers, [s.token_id for s in sampled])):
                 if not ok and sampled[j].error is None:
                     sampled[j] = SampledToken(0, error="the structured-output grammar refused the sampled token")
-        for j, hidden in keep.items():
-            seq = out.seqs[j]
-            sampled[j] = replace(sampled[j], prompt=prompt_logprobs(self.model.logits_of, hidden, seq.prompt_ids,
-                                                                     seq.params.prompt_logprobs))
+        for j, s in enumerate(seqs):
+            if s.request_id in self.prompt_lps and s.prompt_logprobs is None:
+                sampled[j] = replace(sampled[j], prompt=self.prompt_lps.pop(s.request_id))
         return sampled
 
-    def _prefill(self, out: SchedulerOutput, batch, keep: dict) -> torch.Tensor:
-        lens = [len(t) for t in out.token_ids]
+    def _prefill(self, out: SchedulerOutput, rows: list[int]) -> torch.Tensor:
+        ids = [out.token_ids[j] for j in rows]
+        lens = [len(t) for t in ids]
         T = max(lens)
-        tokens = torch.tensor([t + [0] * (T - len(t)) for t in out.token_ids], dtype=torch.long, device=self.device)
-        last = torch.tensor([n - 1 for n in lens], dtype=torch.long, device=self.device)
-        return self.model.prefill(tokens, last, out.rows[0], batch, keep)
+        tokens = torch.tensor([t + [0] * (T - len(t)) for t in ids], dtype=torch.long, device=self.device)
+        keep = {}
+        for c, j in enumerate(rows):
+            seq = out.seqs[j]
+            if seq.params.prompt_logprobs is not None and seq.prompt_logprobs is None:
+                keep[c] = None
+                if out.positions[j] == 0:  # first chunk (or a recompute from scratch)
+                    self.prompt_lps[seq.request_id] = [None]
+        logits = self.model.prefill(tokens, torch.tensor(lens, device=self.device),
+                                    torch.tensor([out.positions[j] for j in rows], device=self.device),
+                                    padded_table([out.block_tables[j] for j in rows], self.device),
+                                    self.adapted.batch([out.slots[j] for j in rows]), keep)
+        for c, hidden in keep.items():
+            seq = out.seqs[rows[c]]
+            self.prompt_lps[seq.request_id] += prompt_logprobs(
+                self.model.logits_of, hidden, seq.prompt_ids, out.positions[rows[c]], seq.params.prompt_logprobs)
+        return logits
 
-    def _decode(self, out: SchedulerOutput, batch) -> torch.Tensor:
-        # rows are 0..B-1 in order (the scheduler keeps running rows dense)
-        tokens = torch.tensor([t[0] for t in out.token_ids], dtype=torch.long, device=self.device)
-        pos = torch.tensor(out.positions, dtype=torch.long, device=self.device)
-        return self.model.decode(tokens, pos, max(out.positions) + 1, batch)
+    def _decode(self, out: SchedulerOutput, rows: list[int]) -> torch.Tensor:
+        tokens = torch.tensor([out.token_ids[j][0] for j in rows], dtype=torch.long, device=self.device)
+        pos = torch.tensor([out.positions[j] for j in rows], dtype=torch.long, device=self.device)
+        table = padded_table([out.block_tables[j] for j in rows], self.device)
+        return self.model.decode(tokens, pos, table, self.adapted.batch([out.slots[j] for j in rows]))
 
-    def _generators(self, out: SchedulerOutput) -> list[torch.Generator | None]:
-        gens: list[torch.Generator | None] = []
-        for s in out.seqs:
-            if s.params.seed is None or s.params.temperature == 0:
-                gens.append(None)
-                continue
-            if s.request_id not in self.generators:
-                self.generators[s.request_id] = self.sampler.generator(s.params.seed)
-            gens.append(self.generators[s.request_id])
-        return gens
+    def _generator(self, seq) -> torch.Generator | None:
+        if seq.params.seed is None or seq.params.temperature == 0:
+            return None
+        if seq.request_id not in self.generators:
+            self.generators[seq.request_id] = self.sampler.generator(seq.params.seed)
+        return self.generators[seq.request_id]

@@ -90,8 +90,9 @@ class Detokenizer:
 
 @dataclass(eq=False)
 class Sequence:
-    """A request in the scheduler. `row` is its KV-cache row while running (rows 0..n-1 are the running
-    sequences, in `Scheduler.running` order); `slot` is its adapter slot (0 = base model)."""
+    """A request in the scheduler. While it runs, `blocks` is its KV block table (block i holds positions
+    i*block_size ..) and `num_computed` counts the tokens whose K/V are in those blocks; `slot` is its adapter
+    slot (0 = base model). `kv_root` is the root of its blocks' hash chain (server.kv.hashing.namespace)."""
 
     request_id: str
     prompt_ids: list[int]
@@ -106,8 +107,14 @@ class Sequence:
     matcher: object | None = None  # this request's grammar matcher (structured output), advanced by the runner
     logprobs: list[SampledToken] = field(default_factory=list)  # per output token, when requested
     status: Status = Status.WAITING
-    row: int = -1
     slot: int = 0
+    kv_root: bytes = b""  # namespace of its cached blocks: adapter version (or base model) + cache_salt
+    blocks: list[int] = field(default_factory=list)  # KV block table while running
+    num_computed: int = 0  # tokens (prompt + output) whose K/V are in `blocks`
+    hashes: list[bytes] = field(default_factory=list)  # hash chain of its full blocks so far (server.kv.hashing)
+    published: int = 0  # leading full blocks registered in the prefix cache
+    cached_tokens: int = -1  # prompt tokens found in the prefix cache at its first admission (-1: not yet)
+    arrival: int = 0  # admission order of requests (preemption takes the youngest)
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     error: str | None = None  # why, when finish_reason is "error"
     text: str = ""  # detokenized output so far (cut at a stop string)
@@ -119,9 +126,13 @@ class Sequence:
         return len(self.prompt_ids) + len(self.output_ids)
 
     @property
-    def num_cached(self) -> int:
-        """Tokens whose K/V are in the cache: all but the last sampled one (it is the next input)."""
-        return self.num_tokens - 1
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def kv_owner(self) -> str | None:
+        """Whose weights computed its K/V: the adapter `tenant/id`, None for the base model."""
+        return None if self.adapter_key is None else self.adapter_key[0]
 
     @property
     def remaining(self) -> int:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from server.model import DecoderModel
+from server.model_runner import padded_table
 
 from .conftest import make_adapter
 
@@ -17,39 +18,73 @@ def hf_last_logits(model, ids: list[int]) -> torch.Tensor:
     return model(torch.tensor([ids])).logits[0, -1]
 
 
-def prefill(m: DecoderModel, prompts: list[list[int]], row0: int, batch=None) -> torch.Tensor:
-    T = max(len(p) for p in prompts)
-    tokens = torch.tensor([p + [0] * (T - len(p)) for p in prompts])
-    last = torch.tensor([len(p) - 1 for p in prompts])
-    return m.prefill(tokens, last, row0, batch)
+BS = 4  # tokens per KV block: small, so that sequences span several blocks
 
 
-def decode(m: DecoderModel, seqs: list[list[int]], batch=None) -> torch.Tensor:
-    """One decode step for rows 0..B-1: the last token of each sequence is the input."""
-    tokens = torch.tensor([s[-1] for s in seqs])
-    pos = torch.tensor([len(s) - 1 for s in seqs])
-    return m.decode(tokens, pos, int(pos.max()) + 1, batch)
+class Paged:
+    """A DecoderModel with a hand-run block allocator: sequence i owns the blocks it is given, in order."""
+
+    def __init__(self, adapted, num_blocks: int = 64, max_len: int = 64):
+        self.m = DecoderModel(adapted.model, num_blocks, BS, max_len)
+        self.next, self.tables = 1, {}  # block 0 is the null block
+
+    def table(self, i: int, n_tokens: int) -> list[int]:
+        t = self.tables.setdefault(i, [])
+        while len(t) * BS < n_tokens:
+            t.append(self.next)
+            self.m.cache.zero([self.next])  # a fresh block holds garbage (torch.empty)
+            self.next += 1
+        return t
+
+    def prefill(self, rows: list[int], chunks: list[list[int]], ctx: list[int], batch=None) -> torch.Tensor:
+        T = max(len(c) for c in chunks)
+        tokens = torch.tensor([c + [0] * (T - len(c)) for c in chunks])
+        tables = [self.table(i, n + len(c)) for i, c, n in zip(rows, chunks, ctx)]
+        return self.m.prefill(tokens, torch.tensor([len(c) for c in chunks]), torch.tensor(ctx),
+                              padded_table(tables, self.m.device), batch)
+
+    def decode(self, seqs: list[list[int]], batch=None) -> torch.Tensor:
+        """One decode step for sequences 0..B-1: the last token of each is the input."""
+        tokens = torch.tensor([s[-1] for s in seqs])
+        pos = torch.tensor([len(s) - 1 for s in seqs])
+        tables = [self.table(i, len(s)) for i, s in enumerate(seqs)]
+        return self.m.decode(tokens, pos, padded_table(tables, self.m.device), batch)
 
 
 def run_and_compare(adapted, ref_logits, batch_for, slots: list[int]) -> None:
-    """Prefill three prompts of different lengths together, a fourth later, then decode steps;
-    every row's logits must equal `ref_logits(row, ids)` at every step."""
-    m = DecoderModel(adapted.model, max_rows=6, max_len=64)
+    """Prefill three prompts of different lengths together, a fourth in two chunks (the second continuing its
+    cached context), then decode steps; every row's logits must equal `ref_logits(row, ids)` at every step."""
+    m = Paged(adapted)
     g = torch.Generator().manual_seed(1)
     seqs = [torch.randint(3, 128, (n,), generator=g).tolist() for n in (5, 11, 2, 7)]
     with torch.inference_mode():
-        got = prefill(m, seqs[:3], 0, batch_for(slots[:3]))
+        got = m.prefill([0, 1, 2], seqs[:3], [0, 0, 0], batch_for(slots[:3]))
         for row in range(3):
             torch.testing.assert_close(got[row], ref_logits(row, seqs[row]), atol=ATOL, rtol=0)
-        got = prefill(m, seqs[3:], 3, batch_for(slots[3:]))
+        m.prefill([3], [seqs[3][:3]], [0], batch_for(slots[3:]))
+        got = m.prefill([3], [seqs[3][3:]], [3], batch_for(slots[3:]))
         torch.testing.assert_close(got[0], ref_logits(3, seqs[3]), atol=ATOL, rtol=0)
         for step in range(4):
             for s in seqs:
                 s.append(int(torch.randint(3, 128, (1,), generator=g)))
-            got = decode(m, seqs, batch_for(slots))
+            got = m.decode(seqs, batch_for(slots))
             for row, s in enumerate(seqs):
                 torch.testing.assert_close(got[row], ref_logits(row, s), atol=ATOL, rtol=0,
                                            msg=f"row {row}, decode step {step}")
+
+
+def test_chunks_with_context_in_one_batch_match_hf(tiny):
+    """Two sequences each prefilled in a first chunk, then their second chunks together (different context
+    lengths, right-padded): logits equal the full forward."""
+    adapted, reference, _ = tiny
+    m = Paged(adapted)
+    g = torch.Generator().manual_seed(2)
+    seqs = [torch.randint(3, 128, (n,), generator=g).tolist() for n in (13, 6)]
+    with torch.inference_mode():
+        m.prefill([0, 1], [seqs[0][:6], seqs[1][:1]], [0, 0])
+        got = m.prefill([0, 1], [seqs[0][6:], seqs[1][1:]], [6, 1])
+    for row, s in enumerate(seqs):
+        torch.testing.assert_close(got[row], hf_last_logits(reference, s), atol=ATOL, rtol=0)
 
 
 def test_base_prefill_and_decode_match_hf(tiny):
@@ -73,9 +108,9 @@ def test_mixed_adapters_match_hf_under_use(tiny):
 def test_adapter_changes_logits(tiny):
     adapted, reference, _ = tiny
     adapted.load(1, make_adapter(adapted, "osora", 5))
-    m = DecoderModel(adapted.model, max_rows=2, max_len=16)
+    m = Paged(adapted)
     with torch.inference_mode():
-        got = prefill(m, [[5, 6, 7], [5, 6, 7]], 0, adapted.batch([0, 1]))
+        got = m.prefill([0, 1], [[5, 6, 7], [5, 6, 7]], [0, 0], adapted.batch([0, 1]))
     assert (got[0] - got[1]).abs().max() > 1e-3
 
 
@@ -84,8 +119,8 @@ def test_rejects_unsupported_configs(tiny):
     cfg = adapted.model.config
     cfg.sliding_window = 8
     with pytest.raises(ValueError, match="sliding-window"):
-        DecoderModel(adapted.model, max_rows=1, max_len=16)
+        DecoderModel(adapted.model, num_blocks=8, block_size=BS, max_len=16)
     cfg.sliding_window = None
     cfg.model_type = "gpt2"
     with pytest.raises(ValueError, match="not supported"):
-        DecoderModel(adapted.model, max_rows=1, max_len=16)
+        DecoderModel(adapted.model, num_blocks=8, block_size=BS, max_len=16)

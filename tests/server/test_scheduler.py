@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from server.fair_queue import FairQueue
+from server.kv.blocks import BlockManager
 from server.scheduler import QueueFull, Scheduler
 from server.sequence import Detokenizer, SampledToken, SamplingParams, Sequence, Status
 
@@ -45,23 +46,28 @@ def sched(**kw) -> Scheduler:
 
 
 def step(s: Scheduler, tokens: dict[str, int]):
-    """schedule, then feed `tokens[request_id]` (default 5) as every sequence's sampled token."""
+    """schedule, then feed `tokens[request_id]` (default 5) as the sampled token of every sequence that
+    samples (None for a prompt chunk that does not end its prompt)."""
     out = s.schedule()
-    changed = s.update(out, [SampledToken(tokens.get(q.request_id, 5)) for q in out.seqs])
+    changed = s.update(out, [SampledToken(tokens.get(q.request_id, 5)) if smp else None
+                             for q, smp in zip(out.seqs, out.sample)])
     return out, changed
 
 
-def test_prefill_then_decode_with_positions_and_rows():
-    s = sched()
+def test_prefill_then_decode_with_positions_and_blocks():
+    s = sched(kv=BlockManager(16, 4))
     for i in range(3):
         s.add(seq(i, n_prompt=2 + i))
     out, _ = step(s, {})
-    assert out.prefill and [q.request_id for q in out.seqs] == ["r0", "r1", "r2"]
-    assert out.rows == [0, 1, 2] and out.positions == [0, 0, 0] and out.token_ids[1] == [2, 3, 4]
+    assert out.prefill and [q.request_id for q in out.seqs] == ["r0", "r1", "r2"] and out.sample == [True] * 3
+    assert out.positions == [0, 0, 0] and out.token_ids[1] == [2, 3, 4]
+    assert out.block_tables == [[1], [2], [3]] and out.zero_blocks == [1, 2, 3]  # fresh blocks are zeroed
     out, _ = step(s, {"r1": 7})
     assert not out.prefill and out.token_ids == [[5], [5], [5]] and out.positions == [2, 3, 4]
+    assert out.block_tables == [[1], [2], [3, 4]] and out.zero_blocks == [4]  # r2's 5th token: a new block
     out, _ = step(s, {})
     assert out.token_ids == [[5], [7], [5]] and out.positions == [3, 4, 5]
+    assert out.block_tables == [[1], [2, 5], [3, 4]]
 
 
 def test_batch_size_limit_and_admission_between_decodes():
@@ -73,7 +79,7 @@ def test_batch_size_limit_and_admission_between_decodes():
     out, changed = step(s, {})
     assert not out.prefill and all(q.status is Status.FINISHED for q in changed)
     out, _ = step(s, {})
-    assert out.prefill and [q.request_id for q in out.seqs] == ["r2"] and out.rows == [0]
+    assert out.prefill and [q.request_id for q in out.seqs] == ["r2"]
     assert out.finished_ids == ["r0", "r1"]
 
 
@@ -117,16 +123,16 @@ def test_stop_string_is_cut_and_never_sent():
     assert changed[0].finish_reason == "stop" and sent == "bcde" and changed[0].text == "bcde"
 
 
-def test_finished_rows_are_compacted_with_moves():
-    s = sched()
-    for i in range(4):
-        s.add(seq(i, max_tokens=9 if i in (0, 3) else 2))
-    step(s, {})  # prefill: rows 0..3
-    _, changed = step(s, {})  # r1 and r2 reach max_tokens
-    assert [q.request_id for q in s.running] == ["r0", "r3"] and [q.row for q in s.running] == [0, 1]
+def test_finished_sequences_free_their_blocks_tail_first():
+    kv = BlockManager(16, 4)
+    s = sched(kv=kv)
+    for i in range(2):
+        s.add(seq(i, n_prompt=9, max_tokens=9 if i == 0 else 1))
+    out, _ = step(s, {})  # r1 finishes at once: its blocks go back, last block first
+    assert out.block_tables == [[1, 2, 3], [4, 5, 6]] and kv.num_used == 3
+    assert list(kv.free)[-3:] == [6, 5, 4]
     out, _ = step(s, {})
-    assert out.cache_moves == [(3, 1, 4)]  # r3: 3 prompt tokens + its first output (the second is the input)
-    assert out.rows == [0, 1] and sorted(out.finished_ids) == ["r1", "r2"]
+    assert out.finished_ids == ["r1"] and [q.request_id for q in out.seqs] == ["r0"]
 
 
 def test_abort_waiting_and_running():
@@ -142,12 +148,12 @@ def test_abort_waiting_and_running():
     assert all(q.finish_reason == "abort" for q in changed) and not s.running and not s.waiting
 
 
-def test_prefill_token_budget_splits_admission():
-    s = sched(max_prefill_tokens=8)
+def test_token_budget_splits_admission():
+    s = sched(max_num_batched_tokens=8)
     for i in range(3):
         s.add(seq(i, n_prompt=4))
     out = s.schedule()
-    assert len(out.seqs) == 2  # 3 x 4 padded tokens would exceed 8
+    assert len(out.seqs) == 2 and out.num_tokens == 8  # 3 x 4 tokens would exceed 8
 
 
 def test_detokenizer_holds_incomplete_characters():
@@ -175,14 +181,15 @@ def add_all(s: Scheduler | FairQueue, arrivals: str, **params) -> list[Sequence]
 
 def prefills(s: Scheduler, steps: int | None = None) -> list[list[str]]:
     """Run `steps` steps (None: until idle), the sequences sampling 5 at their prefill and EOS at their first
-    decode; the request ids of each prefill, in order."""
+    decode; the request ids starting their prompt in each step that starts one, in order."""
     out = []
     for _ in range(steps if steps is not None else 1000):
         if steps is None and not s.has_work:
             return out
         sched_out, _ = step(s, {q.request_id: EOS for q in s.running})
-        if sched_out.prefill:
-            out.append([q.request_id for q in sched_out.seqs])
+        started = [q.request_id for q, p in zip(sched_out.seqs, sched_out.positions) if p == 0]
+        if started:
+            out.append(started)
     assert steps is not None, f"still busy after 1000 steps: {out}"
     return out
 
@@ -270,14 +277,16 @@ def test_aborting_mid_rotation(aborts, order):
 
 
 @pytest.mark.parametrize("arrivals, limit, expected", [
-    # (tenant, prompt length) per arrival; the head never gets overtaken, so a long prompt that does not fit
-    # the prefill token budget ends the prefill, even where the next tenant's short prompt would fit
-    ([("A", 3), ("B", 10), ("A", 3)], 12, [["A0"], ["B0"], ["A1"]]),
+    # (tenant, prompt length) per arrival; the head never gets overtaken: a long prompt takes what the
+    # budget leaves (a chunk: padded chunks cost the longest each) and ends the admissions of its step, even
+    # where the next tenant's short prompt would have fitted
+    ([("A", 3), ("B", 10), ("A", 3)], 12, [["A0", "B0"], ["A1"]]),
     ([("A", 3), ("B", 10), ("A", 3)], 30, [["A0", "B0", "A1"]]),
-    ([("A", 3), ("A", 10), ("B", 3)], 12, [["A0", "B0"], ["A1"]]),
+    ([("A", 3), ("A", 10), ("B", 3)], 12, [["A0", "B0", "A1"]]),  # A1 with a chunk of 4 (3 x 4 <= 12)
+    ([("A", 8), ("B", 2), ("C", 2)], 12, [["A0"], ["B0", "C0"]]),
 ])
 def test_the_head_is_never_overtaken(arrivals, limit, expected):
-    s = sched(max_batch_size=4, max_queue=16, max_prefill_tokens=limit)
+    s = sched(max_batch_size=4, max_queue=16, max_num_batched_tokens=limit)
     counts: dict[str, int] = {}
     for tenant, n in arrivals:
         s.add(seq(counts.get(tenant, 0), n_prompt=n, tenant=tenant, max_tokens=8))
