@@ -32,7 +32,8 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # The system services the tests start for themselves: PostgreSQL 15's server binaries (initdb, pg_ctl, postgres),
-# from Debian's package when no /usr/lib/postgresql/*/bin/initdb is there yet. Idempotent; as root no sudo.
+# from Debian's package when no /usr/lib/postgresql/*/bin/initdb is there yet, and Prometheus. Idempotent; as root
+# no sudo. (The S3 server the tests start, moto's, comes with the test extra.)
 services:
 	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
 		echo "PostgreSQL server binaries: $$(dirname $$(ls -d /usr/lib/postgresql/*/bin/initdb | sort -V | tail -n 1))"; \
@@ -45,6 +46,13 @@ services:
 		$$SUDO apt-get update; \
 		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postgresql-15; \
 	fi
+	@# Prometheus (Debian's package) scrapes a running server in one test (skipped where it cannot be installed).
+	@if command -v prometheus >/dev/null 2>&1; then echo "Prometheus: $$(command -v prometheus)"; \
+	elif command -v apt-get >/dev/null 2>&1 && { [ "$$(id -u)" -eq 0 ] || command -v sudo >/dev/null 2>&1; }; then \
+		if [ "$$(id -u)" -eq 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+			prometheus || echo "services: prometheus not installed: its scrape test is skipped" >&2; \
+	else echo "services: prometheus not installed: its scrape test is skipped" >&2; fi
 
 # The SVD factors of the base model, computed once (10.8 s measured on 2 CPU cores) and reused by every start.
 factors: $(STAMP)

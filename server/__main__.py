@@ -51,12 +51,14 @@ def serve(argv: list[str]) -> None:
     from server.app import create_app
     from server.lifecycle import DrainingServer
 
-    logging.basicConfig(level=config.http.log_level.upper() if config.http.log_level != "trace" else "DEBUG",
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from server.logs import configure
+
+    configure(config.http.log_level.upper() if config.http.log_level != "trace" else "DEBUG", config.http.log_format)
     app = create_app(config)
     grace = config.http.shutdown_grace_seconds
     server = DrainingServer(uvicorn.Config(app, host=config.http.host, port=config.http.port,
-                                           log_level=config.http.log_level, timeout_graceful_shutdown=grace + 5),
+                                           log_level=config.http.log_level, timeout_graceful_shutdown=grace + 5,
+                                           log_config=None),  # uvicorn's loggers go through ours (server/logs.py)
                             app, grace)
     server.run()
 

@@ -18,6 +18,8 @@ from server.api.openapi import install_openapi
 from server.api.deps import Served
 from server.config import Config
 from server.errors import install_error_handlers
+from server.logs import RequestId
+from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +98,7 @@ def create_app(config: Config, model=None) -> FastAPI:
         # indexes the headers (local) or checks the bucket (S3); StoreNotWritable names what cannot be used
         store, tenancy = await anyio.to_thread.run_sync(open_store_and_tenancy, config, adapted.spec)
         engine = Engine(config.engine, adapted, tokenizer, store, weight=tenancy.weight)
+        watch(app.state.metrics, engine, store, adapted.base.name, config.engine.max_resident_adapters)
         engine.start()
         app.state.config, app.state.store, app.state.engine, app.state.tokenizer = config, store, engine, tokenizer
         app.state.tenancy = tenancy
@@ -118,6 +121,7 @@ def create_app(config: Config, model=None) -> FastAPI:
                   description="OpenAI-style inference server for SVD-based LLM adapters")
     install_error_handlers(app)
     install_openapi(app)
+    app.state.metrics = Metrics(config.http.metrics_max_tenants)
     app.add_middleware(RateLimitHeaders)
     app.add_middleware(Options)
     app.add_middleware(BodyLimit, max_bytes=config.http.max_request_bytes, timeout_s=config.http.upload_timeout_seconds)
@@ -128,6 +132,17 @@ def create_app(config: Config, model=None) -> FastAPI:
                            allow_headers=["*"], expose_headers=["x-ratelimit-limit-requests",
                            "x-ratelimit-remaining-requests", "x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens",
                            "retry-after"])
+    app.add_middleware(RequestId)  # outermost: every log line of a request carries its id
     for router in routers:
         app.include_router(router)
     return app
+
+
+def watch(metrics, engine, store, model_name: str, max_lora: int) -> None:
+    """Connect the app's metrics to its engine and store: queue times from the engine's steps, adapter load
+    times from the store, and the gauges read from both when /metrics is scraped."""
+    from server.metrics.router import EngineCollector
+
+    metrics.registry.register(EngineCollector(engine, store, model_name, max_lora))
+    engine.observer = metrics
+    store.on_load = metrics.adapter_load.observe

@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     merge_policy: MergePolicy = Field("auto", description="never | auto | always: merge one adapter into the weights")
     targets: str = Field("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", description="adapted linear layers")
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field("info", description="log level")
+    log_format: Literal["json", "text"] = Field("json", description="json: one JSON object per log line, with the request id; text: plain lines")
+    metrics_max_tenants: int = Field(64, ge=0, le=100_000, description="tenants with their own label in /metrics (later ones count as _other)")
     allowed_origins: str = Field("", description="CORS: comma-separated origins browsers may call from ('*' for any); empty: no CORS")
     max_request_bytes: int = Field(4 * 2**20, ge=1024, description="largest JSON request body accepted (bytes)")
     max_upload_bytes_in_flight: int = Field(1024 * 2**20, ge=1024, description="adapter bytes being uploaded at once, all clients together; more: 503 with Retry-After")
@@ -110,6 +112,8 @@ class HttpConfig:
     upload_timeout_seconds: float = 30.0
     shutdown_grace_seconds: float = 10.0
     allowed_origins: tuple[str, ...] = ()
+    log_format: str = "json"
+    metrics_max_tenants: int = 64
 
 
 @dataclass(frozen=True)
@@ -186,7 +190,7 @@ def arg_parser() -> argparse.ArgumentParser:
                                 allow_abbrev=False)
     for name, field in Settings.model_fields.items():
         choices = None
-        if name in ("dtype", "merge_policy", "log_level"):
+        if name in ("dtype", "merge_policy", "log_level", "log_format"):
             choices = list(get_args(field.annotation))
         flag = "--" + name.replace("_", "-")
         if field.annotation is bool:  # a switch: --insecure-open
@@ -228,7 +232,8 @@ def build_config(s: Settings) -> Config:
                         max_request_bytes=s.max_request_bytes, max_upload_bytes_in_flight=s.max_upload_bytes_in_flight,
                         upload_timeout_seconds=s.upload_timeout_seconds,
                         shutdown_grace_seconds=s.shutdown_grace_seconds,
-                        allowed_origins=tuple(o.strip() for o in s.allowed_origins.split(",") if o.strip())),
+                        allowed_origins=tuple(o.strip() for o in s.allowed_origins.split(",") if o.strip()),
+                        log_format=s.log_format, metrics_max_tenants=s.metrics_max_tenants),
         parsed_adapter_cache_bytes=s.parsed_adapter_cache_bytes,
         store=s.store,
         tenancy=TenancyConfig(

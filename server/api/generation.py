@@ -28,6 +28,7 @@ class Run:
     outputs: AsyncIterator[RequestOutput]
     first: RequestOutput | None = None
     finished: bool = False
+    observer: object | None = None  # the app's metrics (server.metrics.Metrics), told of every output
 
 
 @dataclass
@@ -51,6 +52,8 @@ async def _prime(run: Run) -> None:
         run.outputs = outputs = await outputs
     run.first = await anext(outputs)
     run.finished = run.first.finished
+    if run.observer is not None:
+        run.observer.output(run.request.request_id, run.first)
 
 
 async def start(engine: Engine, prompts: list[list[int]], params: SamplingParams, adapter_id: str | None,
@@ -67,7 +70,10 @@ async def start(engine: Engine, prompts: list[list[int]], params: SamplingParams
             seeded = params if params.seed is None or i == 0 else _with_seed(params, _next_seed(params.seed, i))
             req = GenerationRequest(request_id=f"{request_id}-{p * n + i}", prompt_token_ids=ids,
                                     params=seeded, adapter_id=adapter_id, tenant=tenant)
-            runs.append(Run(index=p * n + i, request=req, outputs=engine.generate(req)))
+            observer = getattr(engine, "observer", None)
+            if observer is not None:
+                observer.submitted(req.request_id, tenant)
+            runs.append(Run(index=p * n + i, request=req, outputs=engine.generate(req), observer=observer))
     results = await asyncio.gather(*(_prime(r) for r in runs), return_exceptions=True)
     errors = [e for e in results if isinstance(e, BaseException)]
     errors += [GenerationFailed(r.first.error) for r in runs if r.first is not None and r.first.finish_reason == "error"]
@@ -93,6 +99,8 @@ async def close(engine: Engine, runs: list[Run]) -> None:
         if not run.finished:
             engine.abort(run.request.request_id)
             run.finished = True
+            if run.observer is not None:
+                run.observer.abandoned(run.request.request_id)
         aclose = getattr(run.outputs, "aclose", None)
         if aclose is not None:
             try:
@@ -118,6 +126,8 @@ async def outputs(run: Run) -> AsyncIterator[RequestOutput]:
 async def _rest(run: Run) -> AsyncIterator[RequestOutput]:
     yield run.first
     async for out in run.outputs:
+        if run.observer is not None:
+            run.observer.output(run.request.request_id, out)
         if out.finished:
             run.finished = True
             if out.finish_reason == "error":

@@ -1,19 +1,16 @@
 """GET /health (liveness: the model is loaded before the server accepts connections), GET /health/ready
 (readiness: 503 while draining at shutdown) and
-GET /metrics (Prometheus text exposition of the engine's counters and gauges)."""
+GET /metrics (Prometheus text exposition, server/metrics)."""
 
 from __future__ import annotations
 
-import math
-
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from server.api.deps import EngineDep, ServedDep
 
 router = APIRouter()
-PREFIX = "svdserve_"
-GAUGES = {"running", "waiting", "resident_adapters", "merged"}  # everything else the engine counts up
 
 
 @router.get("/health")
@@ -31,26 +28,8 @@ async def ready(request: Request, served: ServedDep) -> JSONResponse:
     return JSONResponse({"status": "ready", "model": served.name})
 
 
-def prometheus(stats: dict[str, float | int]) -> str:
-    """One sample per stat: the engine's current state (GAUGES) as gauges, its running counts as counters."""
-    lines = []
-    for key in sorted(stats):
-        value = float(stats[key])
-        name = PREFIX + "".join(c if c.isalnum() or c == "_" else "_" for c in key)
-        kind = "gauge" if key in GAUGES else "counter"
-        lines += [f"# HELP {name} svdserve engine statistic {key}", f"# TYPE {name} {kind}",
-                  f"{name} {_number(value)}"]
-    return "\n".join(lines) + "\n"
-
-
-def _number(v: float) -> str:
-    if math.isnan(v):
-        return "NaN"
-    if math.isinf(v):
-        return "+Inf" if v > 0 else "-Inf"
-    return str(int(v)) if v.is_integer() else repr(v)
-
-
 @router.get("/metrics", response_class=PlainTextResponse)
-async def metrics(engine: EngineDep) -> PlainTextResponse:
-    return PlainTextResponse(prometheus(engine.stats()), media_type="text/plain; version=0.0.4")
+async def metrics(request: Request) -> Response:
+    """Prometheus text exposition (server/metrics): request latencies, tokens, per-tenant counters, adapter caches,
+    the engine's statistics, and the vLLM-named gauges the inference gateway's router reads."""
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

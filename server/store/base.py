@@ -15,7 +15,7 @@ import re
 import threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 from adapters.file import Adapter, BaseSpec
@@ -180,6 +180,7 @@ class Store(ABC):
     def __init__(self, spec: BaseSpec, parsed_cache_bytes: int):
         self.spec = spec
         self.counters = StoreCounters()
+        self.on_load: Callable[[float], None] | None = None  # told the seconds of each load (metrics)
         self._lock = threading.Lock()
         self._cache = ParsedCache(parsed_cache_bytes)
 
@@ -259,6 +260,13 @@ class Store(ABC):
     @property
     def cached_bytes(self) -> int:
         return self._cache.bytes
+
+    def _loaded(self, seconds: float) -> None:
+        with self._lock:
+            self.counters.loads += 1
+            self.counters.load_seconds += seconds
+        if self.on_load is not None:
+            self.on_load(seconds)
 
     def close(self) -> None:
         """Release what the store holds open (connections); the default holds nothing."""

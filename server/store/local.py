@@ -310,8 +310,7 @@ class LocalStore(Store):
         with self._lock:
             self._index[key_name] = _Entry(key, info)
             self.counters.evictions += self._cache.put(key_name, stored, key)
-            self.counters.loads += 1
-            self.counters.load_seconds += time.monotonic() - started
+        self._loaded(time.monotonic() - started)
         return stored
 
     def info(self, name: str) -> AdapterInfo:

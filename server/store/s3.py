@@ -211,8 +211,7 @@ class S3Store(Store):
         stored = StoredAdapter(info, adapter)
         with self._lock:
             self.counters.evictions += self._cache.put(key_name, stored, info.sha256)
-            self.counters.loads += 1
-            self.counters.load_seconds += time.monotonic() - started
+        self._loaded(time.monotonic() - started)
         return stored
 
     def _read_object(self, sha: str) -> bytes:
