@@ -95,6 +95,10 @@ def create_app(config: Config, model=None) -> FastAPI:
         started = time.monotonic()
         adapted = model if model is not None else await anyio.to_thread.run_sync(load_model, config)
         tokenizer = adapted.base.tokenizer
+        if config.model.chat_template:
+            from server.tools import load_chat_template
+
+            tokenizer.chat_template = load_chat_template(config.model.chat_template)
         # indexes the headers (local) or checks the bucket (S3); StoreNotWritable names what cannot be used
         store, tenancy = await anyio.to_thread.run_sync(open_store_and_tenancy, config, adapted.spec)
         engine = Engine(config.engine, adapted, tokenizer, store, weight=tenancy.weight)

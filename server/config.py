@@ -43,6 +43,7 @@ class Settings(BaseSettings):
     max_adapter_bytes: int = Field(256 * 2**20, ge=1024, description="largest adapter upload accepted (bytes)")
     merge_policy: MergePolicy = Field("auto", description="never | auto | always: merge one adapter into the weights")
     targets: str = Field("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", description="adapted linear layers")
+    chat_template: str | None = Field(None, description="Jinja chat template file, or a bundled one (chatml-tools: ChatML with tool calling); default: the model's own")
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field("info", description="log level")
     log_format: Literal["json", "text"] = Field("json", description="json: one JSON object per log line, with the request id; text: plain lines")
     metrics_max_tenants: int = Field(64, ge=0, le=100_000, description="tenants with their own label in /metrics (later ones count as _other)")
@@ -69,6 +70,15 @@ class Settings(BaseSettings):
         parse_memory(v)  # a ValueError that says what is accepted
         return v
 
+    @field_validator("chat_template")
+    @classmethod
+    def _chat_template(cls, v: str | None) -> str | None:
+        if v:
+            from server.tools.template import load_chat_template
+
+            load_chat_template(v)  # a ValueError naming the bundled templates when it cannot be read
+        return v or None
+
     @field_validator("targets")
     @classmethod
     def _targets(cls, v: str) -> str:
@@ -86,6 +96,7 @@ class ModelConfig:
     cache_dir: str | None
     targets: tuple[str, ...]
     n_slots: int  # resident adapter slots + slot 0 (no adapter)
+    chat_template: str | None = None  # a template file or bundled name, replacing the model's own
 
 
 @dataclass(frozen=True)
@@ -222,7 +233,7 @@ def build_config(s: Settings) -> Config:
         model=ModelConfig(path=s.model, device=device, dtype=resolve_dtype(s.dtype, device),
                           max_rank=s.max_rank, cache_dir=s.cache_dir or default_cache_dir(),
                           targets=tuple(t.strip() for t in s.targets.split(",") if t.strip()),
-                          n_slots=s.max_resident_adapters + 1),
+                          n_slots=s.max_resident_adapters + 1, chat_template=s.chat_template),
         engine=EngineConfig(max_batch_size=s.max_batch_size, max_model_len=s.max_model_len,
                             max_queue=s.max_queue, max_resident_adapters=s.max_resident_adapters,
                             merge_policy=s.merge_policy, kv_cache_memory=s.kv_cache_memory,

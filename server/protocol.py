@@ -114,8 +114,6 @@ class SamplingFields(BaseModel):
     stop_token_ids: list[TokenId] | None = Field(None, max_length=64, description="vLLM: token ids that end the request")
     response_format: ResponseFormat | None = Field(None, description="text, json_object or json_schema (structured output)")
     structured_outputs: StructuredOutputs | None = Field(None, description="vLLM: json, json_object, regex or choice")
-    tools: list[dict[str, Any]] | None = Field(None, description="only null or [] (tools are not supported)")
-    tool_choice: str | dict[str, Any] | None = Field(None, description='only null or "none"')
 
     @field_validator("stop")
     @classmethod
@@ -141,10 +139,6 @@ class SamplingFields(BaseModel):
             raise ValueError("give response_format or structured_outputs, not both")
         if self.grammar_requested() and self.ignore_eos:
             raise ValueError("ignore_eos cannot be combined with structured output (the grammar ends the text)")
-        if self.tools:
-            raise ValueError("tools are not supported")
-        if self.tool_choice not in (None, "none"):
-            raise ValueError('tool_choice is not supported beyond "none"')
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options needs stream=true")
         return self
@@ -165,6 +159,8 @@ class CompletionRequest(SamplingFields):
                                                                                  "and this many alternatives")
     best_of: int | None = None
     suffix: Text | None = None
+    tools: list[dict[str, Any]] | None = Field(None, description="only null or [] (tools are a chat feature)")
+    tool_choice: str | dict[str, Any] | None = Field(None, description='only null or "none"')
 
     @field_validator("prompt")
     @classmethod
@@ -181,6 +177,10 @@ class CompletionRequest(SamplingFields):
             raise ValueError("suffix is not supported")
         if self.best_of not in (None, self.n):
             raise ValueError("best_of must equal n")
+        if self.tools:
+            raise ValueError("tools are a chat feature: use /v1/chat/completions")
+        if self.tool_choice not in (None, "none"):
+            raise ValueError('tool_choice is a chat feature: use /v1/chat/completions')
         return self
 
     def prompts(self) -> list[str | list[int]]:
@@ -199,11 +199,64 @@ class TextPart(BaseModel):
     text: Text
 
 
+FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+
+
+class FunctionDefinition(BaseModel):
+    model_config = STRICT
+    name: FunctionName
+    description: Text | None = None
+    parameters: dict[str, Any] | None = Field(None, description="JSON schema of the arguments (none: any object)")
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = STRICT
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = STRICT
+    name: FunctionName
+
+
+class NamedToolChoice(BaseModel):
+    model_config = STRICT
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class FunctionCall(BaseModel):
+    model_config = STRICT
+    name: FunctionName
+    arguments: Text = Field(..., description="the arguments as a JSON text")
+
+
+class ToolCall(BaseModel):
+    """A call the assistant made (in a response, and in the history a client sends back)."""
+
+    model_config = STRICT
+    id: Text = Field(..., max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = STRICT
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextPart] | None = None
     name: Text | None = None
+    tool_calls: list[ToolCall] | None = Field(None, max_length=128, description="assistant messages: the calls made")
+    tool_call_id: Text | None = Field(None, max_length=256, description="tool messages: the call answered")
+
+    @model_validator(mode="after")
+    def _tool_fields(self):
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("tool messages need tool_call_id (and only they take it)")
+        return self
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -219,6 +272,29 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1, le=2**31)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list[Tool] | None = Field(None, max_length=128, description="functions the model may call")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description='none | auto (default with tools) | required | {"type": "function", "function": {"name"}}')
+    parallel_tool_calls: bool = Field(True, description="false: at most one call per answer")
+
+    @model_validator(mode="after")
+    def _tools(self):
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) != len(names):
+            raise ValueError("tools must have distinct function names")
+        if self.tool_choice not in (None, "none") and not names:
+            raise ValueError("tool_choice needs tools")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise ValueError(f"tool_choice names {self.tool_choice.function.name!r}, which is not among the tools")
+        if self.calls_tools() and self.grammar_requested():
+            raise ValueError("give tools or response_format/structured_outputs, not both")
+        if self.calls_tools() and self.ignore_eos:
+            raise ValueError("ignore_eos cannot be combined with tools (the tool-call grammar ends the answer)")
+        return self
+
+    def calls_tools(self) -> bool:
+        """Whether the answer may carry tool calls (tools given and tool_choice not none)."""
+        return bool(self.tools) and self.tool_choice != "none"
 
     @model_validator(mode="after")
     def _top_logprobs(self):
@@ -282,7 +358,8 @@ class ChatLogprobs(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = _omit_none()
 
 
 class ChatChoice(BaseModel):
@@ -303,9 +380,22 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
+class FunctionCallDelta(BaseModel):
+    name: str | None = _omit_none()
+    arguments: str | None = _omit_none()
+
+
+class ToolCallDelta(BaseModel):
+    index: int
+    id: str | None = _omit_none()
+    type: Literal["function"] | None = _omit_none()
+    function: FunctionCallDelta
+
+
 class Delta(BaseModel):
     role: Literal["assistant"] | None = _omit_none()
     content: str | None = _omit_none()
+    tool_calls: list[ToolCallDelta] | None = _omit_none()
 
 
 class ChatChunkChoice(BaseModel):

@@ -16,7 +16,9 @@ from server.api.streaming import DONE, event, sse
 from server.engine import Engine, TokenLogprob
 from server.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
                              ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs, ChatTokenLogprob, Delta,
-                             TopLogprob, new_id, now)
+                             FunctionCall, FunctionCallDelta, NamedToolChoice, ToolCall, ToolCallDelta, TopLogprob,
+                             new_id, now)
+from server.tools import ParsedCall, ToolCallStream, parse_tool_calls
 
 router = APIRouter()
 log = logging.getLogger(__name__)
@@ -42,13 +44,36 @@ async def chat_completions(req: ChatCompletionRequest, engine: EngineDep, store:
         return sse(_stream(engine, runs, req, rid, model, meter))
     results = sorted(await generation.collect_all(engine, runs, request.is_disconnected), key=lambda r: r.index)
     ids = req.return_token_ids
-    choices = [ChatChoice(index=r.index, message=AssistantMessage(content=r.text), finish_reason=r.finish_reason,
-                          logprobs=_logprobs(r.logprobs) if req.logprobs else None,
-                          prompt_token_ids=r.prompt_token_ids if ids else None, token_ids=r.token_ids if ids else None)
-               for r in results]
+    choices = []
+    for r in results:
+        message, finish = _message(req, r.text), r.finish_reason
+        choices.append(ChatChoice(index=r.index, message=message, finish_reason=_finish(req, finish, message.tool_calls),
+                                  logprobs=_logprobs(r.logprobs) if req.logprobs else None,
+                                  prompt_token_ids=r.prompt_token_ids if ids else None,
+                                  token_ids=r.token_ids if ids else None))
     counts = {r.index: (r.prompt_tokens, r.completion_tokens) for r in results}
     await meter.close(used := usage(counts, req.n))
     return ChatCompletionResponse(id=rid, created=now(), model=model, choices=choices, usage=used)
+
+
+def _message(req: ChatCompletionRequest, text: str) -> AssistantMessage:
+    """The answer as OpenAI's assistant message: with tools, `<tool_call>` blocks become `tool_calls`."""
+    if not req.calls_tools():
+        return AssistantMessage(content=text)
+    content, calls = parse_tool_calls(text)
+    return AssistantMessage(content=content, tool_calls=[_tool_call(c) for c in calls] or None)
+
+
+def _tool_call(call: ParsedCall) -> ToolCall:
+    return ToolCall(id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments))
+
+
+def _finish(req: ChatCompletionRequest, reason: str | None, calls: list | None) -> str | None:
+    """OpenAI's finish_reason: `tool_calls` when the model called tools of its own choice (auto, required);
+    a call forced by name ends with `stop`, as OpenAI answers."""
+    if calls and reason == "stop" and not isinstance(req.tool_choice, NamedToolChoice):
+        return "tool_calls"
+    return reason
 
 
 def _logprobs(lps: list[TokenLogprob] | None) -> ChatLogprobs:
@@ -67,6 +92,7 @@ async def _stream(engine: Engine, runs: list[Run], req: ChatCompletionRequest, r
     def chunk(choices: list[ChatChunkChoice], **kw) -> str:
         return event(ChatCompletionChunk(id=rid, created=created, model=model, choices=choices, **kw))
 
+    parsers = {r.index: ToolCallStream() for r in runs} if req.calls_tools() else {}
     try:
         # OpenAI opens every choice with a delta that carries only the role
         yield chunk([ChatChunkChoice(index=r.index, delta=Delta(role="assistant", content="")) for r in runs])
@@ -74,9 +100,11 @@ async def _stream(engine: Engine, runs: list[Run], req: ChatCompletionRequest, r
             counts[run.index] = (out.prompt_tokens, out.completion_tokens)
             if not (out.text or out.token_ids or out.finished):
                 continue
+            parser = parsers.get(run.index)
             yield chunk([ChatChunkChoice(
-                index=run.index, delta=Delta(content=out.text) if out.text else Delta(),
-                logprobs=_logprobs(out.logprobs) if req.logprobs else None, finish_reason=out.finish_reason,
+                index=run.index, delta=_delta(parser, out.text, out.finished),
+                logprobs=_logprobs(out.logprobs) if req.logprobs else None,
+                finish_reason=_finish(req, out.finish_reason, parser.calls if parser else None),
                 token_ids=out.token_ids if req.return_token_ids else None)])
         if req.stream_options and req.stream_options.include_usage:
             yield chunk([], usage=usage(counts, req.n))
@@ -87,3 +115,17 @@ async def _stream(engine: Engine, runs: list[Run], req: ChatCompletionRequest, r
         await generation.close(engine, runs)
         await meter.close(usage(counts, req.n))
     yield DONE
+
+
+def _delta(parser: ToolCallStream | None, text: str, finished: bool) -> Delta:
+    """The stream delta of new text: plain content, or (with tools) content outside calls plus every call
+    completed by this text, each sent whole (id, name and arguments in one delta)."""
+    if parser is None:
+        return Delta(content=text) if text else Delta()
+    content, calls = parser.feed(text)
+    if finished:
+        content += parser.finish()
+    first = len(parser.calls) - len(calls)
+    deltas = [ToolCallDelta(index=first + i, id=c.id, type="function",
+                            function=FunctionCallDelta(name=c.name, arguments=c.arguments)) for i, c in enumerate(calls)]
+    return Delta(content=content or None, tool_calls=deltas or None)

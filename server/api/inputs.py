@@ -15,7 +15,8 @@ from server.api.deps import Served
 from server.engine import SamplingParams
 from server.errors import APIError
 from server.grammar import GrammarSpec, InvalidGrammar
-from server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from server.protocol import ChatCompletionRequest, CompletionRequest, NamedToolChoice, SamplingFields
+from server.tools import supports_tools, tool_grammar
 from server.store import AdapterNotFound, AdapterStore, InvalidAdapterId
 from server.tenancy.access import Resolved, resolve
 from server.tenancy.service import Principal
@@ -77,7 +78,15 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
 
 
 def grammar_spec(req: SamplingFields) -> GrammarSpec | None:
-    """What structured output the request asks for (response_format or vLLM's structured_outputs), if any."""
+    """What structured output the request asks for (response_format, vLLM's structured_outputs, or tool calls
+    in the tools' argument schemas), if any."""
+    if isinstance(req, ChatCompletionRequest) and req.calls_tools():
+        choice = req.tool_choice.model_dump() if isinstance(req.tool_choice, NamedToolChoice) else req.tool_choice
+        tools = [t.model_dump(exclude_none=True) for t in req.tools]
+        try:
+            return GrammarSpec("structural_tag", tool_grammar(tools, choice or "auto", req.parallel_tool_calls))
+        except ValueError as exc:  # xgrammar refuses the tools (pydantic's ValidationError is a ValueError)
+            raise APIError(400, f"tools: {str(exc)[:300]}", param="tools", code="invalid_schema") from None
     rf, so = req.response_format, req.structured_outputs
     if rf is not None and rf.type == "json_object":
         return GrammarSpec("json")
@@ -108,7 +117,8 @@ async def with_grammar(params: SamplingParams, req: SamplingFields, engine: Any)
     try:
         compiled = await run_in_threadpool(engine.grammars.compile, spec)
     except InvalidGrammar as exc:
-        raise APIError(400, str(exc), param="response_format", code="invalid_schema") from None
+        param = "tools" if spec.kind == "structural_tag" else "response_format"
+        raise APIError(400, str(exc), param=param, code="invalid_schema") from None
     return replace(params, grammar=compiled)
 
 
@@ -126,10 +136,15 @@ def completion_prompts(req: CompletionRequest, tokenizer: Any) -> list[list[int]
 
 
 def chat_prompt(req: ChatCompletionRequest, tokenizer: Any) -> list[int]:
-    """The model's chat template applied to the messages, ending with the assistant's turn."""
-    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    """The model's chat template applied to the messages (and tools), ending with the assistant's turn."""
+    if req.calls_tools() and not supports_tools(tokenizer.chat_template):
+        raise APIError(400, "this server's chat template has no tool support, so the model would never see the "
+                            "tools: start it with --chat-template chatml-tools (bundled, for ChatML models) or a "
+                            "template of your own that renders `tools`", param="tools", code="tools_not_supported")
+    messages = [_template_message(m) for m in req.messages]
+    tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
     try:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt,
+        ids = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=req.add_generation_prompt,
                                             continue_final_message=req.continue_final_message, tokenize=True,
                                             **(req.chat_template_kwargs or {}))
     except Exception as exc:  # jinja raises TemplateError (e.g. roles out of order) or ValueError (no template)
@@ -139,6 +154,28 @@ def chat_prompt(req: ChatCompletionRequest, tokenizer: Any) -> list[int]:
     if ids and isinstance(ids[0], list):
         ids = ids[0]
     return [int(t) for t in ids]
+
+
+def _template_message(m: Any) -> dict[str, Any]:
+    """A message as chat templates read it: tool calls' arguments as objects (templates write them with
+    `tojson`), the tool message's call id."""
+    out: dict[str, Any] = {"role": m.role, "content": m.text()}
+    if m.tool_calls:
+        out["tool_calls"] = [{"id": c.id, "type": "function",
+                              "function": {"name": c.function.name, "arguments": _arguments(c.function.arguments)}}
+                             for c in m.tool_calls]
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    if m.name is not None:
+        out["name"] = m.name
+    return out
+
+
+def _arguments(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise APIError(400, "a tool call's function.arguments must be a JSON text", param="messages") from None
 
 
 def completion_tokens(req: SamplingFields, requested: int | None, prompt_len: int, max_model_len: int) -> int:

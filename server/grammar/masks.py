@@ -6,23 +6,28 @@ from collections.abc import Sequence
 
 import torch
 
+_SHIFTS = torch.arange(32, dtype=torch.int32)
+
 
 def apply_masks(logits: torch.Tensor, matchers: Sequence[object | None]) -> torch.Tensor:
     """logits: [B, V] -> a copy whose constrained rows allow only the tokens their grammar accepts next
-    (unconstrained rows untouched; the input is not modified, so raw logprobs stay available)."""
+    (unconstrained rows untouched; the input is not modified, so raw logprobs stay available).
+
+    The bitmask is unpacked with one vectorised torch op rather than xgrammar's CPU kernel, whose cost grows with
+    the number of refused tokens (6.7 ms at batch 32 in JSON structure, against about 1 ms here in every state;
+    bench/grammar_engines.py)."""
     rows = [b for b, m in enumerate(matchers) if m is not None]
     if not rows:
         return logits
     import xgrammar as xgr
 
     V = logits.shape[1]
-    bitmask = xgr.allocate_token_bitmask(len(rows), V)  # [R, ceil(V/32)] int32
+    bitmask = xgr.allocate_token_bitmask(len(rows), V)  # [R, ceil(V/32)] int32, bit t%32 of word t//32
     for r, b in enumerate(rows):
         matchers[b].fill_next_token_bitmask(bitmask, r)
-    sub = logits[rows].float()
-    xgr.apply_token_bitmask_inplace(sub, bitmask, vocab_size=V)
+    allowed = ((bitmask[:, :, None] >> _SHIFTS) & 1).view(len(rows), -1)[:, :V].bool()  # [R, V]
     out = logits.clone()
-    out[rows] = sub.to(out.dtype)
+    out[rows] = torch.where(allowed.to(logits.device), logits[rows], float("-inf"))
     return out
 
 

@@ -1,0 +1,31 @@
+"""Chat templates: the one `--chat-template` names (a file, or a template bundled with svdserve), and whether a
+template shows tools to the model at all."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+TEMPLATES = Path(__file__).parent / "templates"
+BUNDLED = {path.stem.replace("_", "-"): path for path in TEMPLATES.glob("*.jinja")}  # chatml-tools
+
+
+def load_chat_template(value: str) -> str:
+    """The template text `value` names: a bundled name (`chatml-tools`) or a path to a Jinja file."""
+    path = BUNDLED.get(value) or Path(value)
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"chat template {value!r} is neither a readable file nor one of the bundled "
+                         f"templates ({', '.join(sorted(BUNDLED))}): {exc.strerror}") from None
+
+
+def supports_tools(template: str | None) -> bool:
+    """Whether the template renders the `tools` variable (a template that never reads it would drop the
+    tools silently, so tool calling is refused with it)."""
+    return bool(template) and re.search(r"\btools\b", _code(template)) is not None
+
+
+def _code(template: str) -> str:
+    """The template's Jinja statements and expressions (its comments and literal text do not count)."""
+    return "\n".join(re.findall(r"\{[{%](.*?)[%}]\}", template, flags=re.S))
