@@ -27,6 +27,9 @@ from prometheus_client.registry import Collector
 from server.store import DEFAULT_TENANT
 
 ENGINE_GAUGES = {"running", "waiting", "resident_adapters", "merged"}  # the engine's other stats count up
+# the names routers read (the inference gateway's endpoint picker flags name them: deploy/k8s/inferencepool.yaml)
+RUNNING, WAITING = "vllm:num_requests_running", "vllm:num_requests_waiting"
+KV_USAGE, LORA_INFO = "vllm:kv_cache_usage_perc", "vllm:lora_requests_info"
 
 
 @dataclass(frozen=True)
@@ -87,16 +90,16 @@ class EngineCollector(Collector):
 
     def _router(self, load: EngineLoad) -> Iterator:
         labels, values = ["model_name"], [self.model_name]
-        for name, doc, value in (("vllm:num_requests_running", "Requests in the running batch", load.running),
-                                 ("vllm:num_requests_waiting", "Requests waiting to be admitted", load.waiting),
-                                 ("vllm:kv_cache_usage_perc", "KV cache usage (1 = 100 percent)", load.kv_usage)):
+        for name, doc, value in ((RUNNING, "Requests in the running batch", load.running),
+                                 (WAITING, "Requests waiting to be admitted", load.waiting),
+                                 (KV_USAGE, "KV cache usage (1 = 100 percent)", load.kv_usage)):
             g = GaugeMetricFamily(name, doc, labels=labels)
             g.add_metric(values, float(value))
             yield g
         lists = (load.running_adapters, load.waiting_adapters)
         if lists != self._lora:
             self._lora, self._lora_changed = lists, time.time()
-        info = GaugeMetricFamily("vllm:lora_requests_info", "Adapters of the running and waiting requests; the "
+        info = GaugeMetricFamily(LORA_INFO, "Adapters of the running and waiting requests; the "
                                  "value is when these lists last changed (Unix time)",
                                  labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
         info.add_metric([str(self.max_lora), ",".join(lists[0]), ",".join(lists[1])], self._lora_changed)

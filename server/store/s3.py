@@ -40,6 +40,8 @@ from server.tenancy.models import AdapterVersion
 log = logging.getLogger(__name__)
 INDEX = AdapterVersion.__table__
 OBJECTS = "objects/"
+# the standard variables a deployment sets for this store (obstore reads them, and the other AWS_* it knows)
+AWS_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION")
 DOWNLOAD_CHUNK = 1 << 20
 
 
