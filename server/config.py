@@ -29,7 +29,9 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N (auto: cuda when present)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: float32 on CPU, bfloat16 on CUDA")
     max_rank: int = Field(64, ge=1, le=4096, description="r_max of the SVD factor cache")
-    store: str = Field("./adapters-store", description="adapter store directory")
+    store: str = Field("./adapters-store", description="adapter store: a directory, or s3://BUCKET/PREFIX (object storage configured by AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION; its index in the --database-url database)")
+    store_cache_dir: str | None = Field(None, description="with an s3:// store: this replica's disk cache of adapter files (default ~/.cache/svdserve/adapters)")
+    store_cache_bytes: int = Field(2 * 2**30, ge=0, description="with an s3:// store: the disk cache's bound (bytes, LRU)")
     cache_dir: str | None = Field(None, description="factor cache directory (default ~/.cache/svdserve/factors)")
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
@@ -142,6 +144,8 @@ class Config:
     http: HttpConfig
     store: str
     parsed_adapter_cache_bytes: int = 512 * 2**20
+    store_cache_dir: str | None = None  # the S3 store's disk cache (None: default_store_cache_dir())
+    store_cache_bytes: int = 2 * 2**30
     tenancy: TenancyConfig = field(default_factory=lambda: TenancyConfig("sqlite:///:memory:"))
 
 
@@ -156,7 +160,15 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def default_database_url(store: str) -> str:
+def default_store_cache_dir() -> str:
+    return os.path.join(os.path.expanduser("~"), ".cache", "svdserve", "adapters")
+
+
+def default_database_url(store: str, store_cache_dir: str | None = None) -> str:
+    """SQLite in the store's directory; with an s3:// store (whose index is in this database: use PostgreSQL
+    for a fleet), in its disk cache directory."""
+    if store.startswith("s3://"):
+        return "sqlite:///" + os.path.join(os.path.abspath(store_cache_dir or default_store_cache_dir()), "svdserve.db")
     return "sqlite:///" + os.path.join(os.path.abspath(store), "svdserve.db")
 
 
@@ -247,8 +259,9 @@ def build_config(s: Settings) -> Config:
                         log_format=s.log_format, metrics_max_tenants=s.metrics_max_tenants),
         parsed_adapter_cache_bytes=s.parsed_adapter_cache_bytes,
         store=s.store,
+        store_cache_dir=s.store_cache_dir, store_cache_bytes=s.store_cache_bytes,
         tenancy=TenancyConfig(
-            database_url=s.database_url or default_database_url(s.store), admin_key=s.admin_key or None,
+            database_url=s.database_url or default_database_url(s.store, s.store_cache_dir), admin_key=s.admin_key or None,
             default_quota=Quota(s.quota_max_adapters, s.quota_max_storage_bytes, s.quota_requests_per_minute,
                                 s.quota_tokens_per_minute, s.quota_max_concurrent_requests),
             open_allowed=s.insecure_open or is_loopback(s.host)),
