@@ -33,7 +33,7 @@ async def chat_completions(req: ChatCompletionRequest, engine: EngineDep, store:
     max_tokens = completion_tokens(req, req.max_completion_tokens or req.max_tokens, len(prompt),
                                    served.max_model_len)
     meter.charge([prompt], req.max_completion_tokens or req.max_tokens, req.n)  # unset: settled at the end
-    meter.adapter = adapter.name if adapter else None
+    meter.adapter, meter.user = (adapter.name if adapter else None), req.user
     top = (req.top_logprobs or 0) if req.logprobs else None
     rid = new_id("chatcmpl")
     params = await with_grammar(sampling_params(req, max_tokens, top), req, engine)

@@ -28,7 +28,7 @@ async def completions(req: CompletionRequest, engine: EngineDep, store: StoreDep
     adapter = await resolve_adapter(req, served, store, meter.principal, meter.tenancy)
     prompts = await off_loop(completion_prompts, req, tokenizer)
     meter.charge(prompts, req.max_tokens, req.n)
-    meter.adapter = adapter.name if adapter else None
+    meter.adapter, meter.user = (adapter.name if adapter else None), req.user
     params = replace(sampling_params(req, req.max_tokens, req.logprobs), prompt_logprobs=echo.prompt_logprobs_k(req))
     params = await with_grammar(params, req, engine)
     texts = echo.prompt_texts(req, prompts, tokenizer) if req.echo else None

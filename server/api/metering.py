@@ -9,6 +9,8 @@ A route that hands its meter to a stream sets `streaming`; the stream closes it.
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated
@@ -23,6 +25,8 @@ from server.protocol import Usage
 from server.tenancy.limiter import Lease
 from server.tenancy.service import Principal
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class Meter:
@@ -30,6 +34,7 @@ class Meter:
     principal: Principal
     lease: Lease | None  # None: the admin, whom no quota limits
     adapter: str | None = None  # canonical `tenant/id` the request used (None: the base model)
+    user: str | None = None  # OpenAI's `user`: the client's end-user id, written on the request's usage log line
     streaming: bool = False
     closed: bool = False
 
@@ -52,6 +57,9 @@ class Meter:
             if self.lease is not None:
                 self.lease.end(usage.total_tokens if usage is not None else 0)
             if usage is not None:
+                log.info("usage tenant=%s adapter=%s user=%s prompt_tokens=%d completion_tokens=%d",
+                         self.principal.tenant, self.adapter or "-", json.dumps(self.user), usage.prompt_tokens,
+                         usage.completion_tokens)
                 await run_in_threadpool(self.tenancy.service.record_usage, self.principal.tenant, self.adapter,
                                         self.principal.key_id, usage.prompt_tokens, usage.completion_tokens)
 

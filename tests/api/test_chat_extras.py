@@ -49,3 +49,13 @@ def test_cors_for_allowed_origins_only(client):
     assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "https://app.example"
     r = client.get("/v1/models", headers={"Origin": "https://evil.example"})
     assert "access-control-allow-origin" not in r.headers
+
+
+def test_user_is_written_on_the_requests_usage_line(client, caplog):
+    with caplog.at_level("INFO", logger="server.api.metering"):
+        for path, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+                           ("/v1/completions", {"prompt": "hi"})):
+            r = client.post(path, json=body | {"max_tokens": 2, "user": "end-user-42"})
+            assert r.status_code == 200, r.text
+    lines = [rec.getMessage() for rec in caplog.records if rec.name == "server.api.metering"]
+    assert len([m for m in lines if 'user="end-user-42"' in m and "completion_tokens=2" in m]) == 2, lines
