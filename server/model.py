@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters.methods import AdapterBatch
-from server.kv.cache import PagedKVCache
+from server.kv.cache import DecodeWorkspace, PagedKVCache
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")
@@ -85,6 +85,7 @@ class DecoderModel:
         self.cos, self.sin = (t.to(self.dtype) for t in rope_table(inner.rotary_emb, max_len, self.device))
         self.cache = PagedKVCache(len(self.layers), num_blocks, block_size, self.n_kv, self.head_dim, self.dtype,
                                   self.device)
+        self.workspace = DecodeWorkspace(self.cache, max_len)
         self.block_size, self.max_len = block_size, max_len
 
     def qkv(self, a: nn.Module, x: torch.Tensor, cos, sin, batch) -> tuple[torch.Tensor, ...]:
@@ -151,11 +152,14 @@ class DecoderModel:
         return self.lm_head(normed).float()
 
     def decode(self, tokens: torch.Tensor, pos: torch.Tensor, table: torch.Tensor,
-               batch: AdapterBatch | None) -> torch.Tensor:
+               batch: AdapterBatch | None, group: object = None) -> torch.Tensor:
         """tokens, pos: [B] each row's input token and its position; table: [B, nb] block tables covering
-        pos + 1 tokens (padded with the null block). Returns logits [B, V] (float32)."""
+        pos + 1 tokens (padded with the null block). `group` names the rows' sequences: the same as the
+        previous call means the same sequences one token further, and the decode workspace is reused (None:
+        rebuilt). Returns logits [B, V] (float32)."""
         B = tokens.shape[0]
-        L = table.shape[1] * self.block_size
+        L = int(pos.max()) + 1
+        self.workspace.prepare(group, table, L)
         slots = self.slots(table, torch.arange(B, device=self.device), pos)
         cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]  # [B, 1, 1, hd]
         # additive float mask, built once per step (a bool mask is converted by SDPA in every layer)
@@ -165,7 +169,8 @@ class DecoderModel:
 
         def attend(i: int, q, k, v):
             self.cache.write(i, slots, k[:, :, 0], v[:, :, 0])
-            kc, vc = self.cache.gather(i, table)  # [B, KV, L, hd]
+            self.workspace.write(i, pos, k[:, :, 0], v[:, :, 0])
+            kc, vc = self.workspace.read(i, L)  # [B, KV, L, hd]
             return F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=self.scale, enable_gqa=True)
 
         h = self._layers(self.embed(tokens[:, None]), cos, sin, batch, attend)  # [B, 1, D]

@@ -72,6 +72,8 @@ class ModelRunner:
         logits: dict[int, torch.Tensor] = {}
         if decode:
             logits.update(zip(decode, self._decode(out, decode)))
+        else:
+            self.model.workspace.invalidate()
         if chunks:
             logits.update(zip(chunks, self._prefill(out, chunks)))
         sampling = [j for j in range(len(out.seqs)) if out.sample[j]]
@@ -123,7 +125,9 @@ class ModelRunner:
         tokens = torch.tensor([out.token_ids[j][0] for j in rows], dtype=torch.long, device=self.device)
         pos = torch.tensor([out.positions[j] for j in rows], dtype=torch.long, device=self.device)
         table = padded_table([out.block_tables[j] for j in rows], self.device)
-        return self.model.decode(tokens, pos, table, self.adapted.batch([out.slots[j] for j in rows]))
+        # the same sequences as the last decode, one step on: the model reuses its dense decode workspace
+        group = tuple((out.seqs[j].request_id, out.seqs[j].arrival) for j in rows)
+        return self.model.decode(tokens, pos, table, self.adapted.batch([out.slots[j] for j in rows]), group)
 
     def _generator(self, seq) -> torch.Generator | None:
         if seq.params.seed is None or seq.params.temperature == 0:
