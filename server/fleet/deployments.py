@@ -104,10 +104,11 @@ class Replica:
         return self.app.state.served.name
 
     def snapshot(self) -> dict:
-        engine = self.app.state.engine
+        engine, counters = self.app.state.engine, getattr(self.app.state.store, "counters", None)
         return {"replica": self.id, "pid": os.getpid(), "started": self.started, "requests": self.requests,
                 "multiplexed_loads": self.loads, "held": sorted(self.held),
-                "requests_by_adapter": dict(self.by_adapter.most_common(256)), "engine": engine.stats()}
+                "requests_by_adapter": dict(self.by_adapter.most_common(256)), "engine": engine.stats(),
+                "store": dict(vars(counters)) if counters is not None else {}}
 
     async def _report_forever(self) -> None:
         while True:
