@@ -1,5 +1,5 @@
 """Print the Markdown tables of docs/benchmarks.md from bench/results/*.json (so the tables are never
-typed by hand): `python bench/report.py [--dir bench/results/xeon] [mixed_adapters serve_load adapter_ops]`."""
+typed by hand): `python bench/report.py [--dir bench/results/xeon] [mixed_adapters serve_load adapter_ops fleet]`."""
 
 from __future__ import annotations
 
@@ -59,7 +59,20 @@ def ops(data: dict) -> str:
     return table(rows, cols, digits) + "\n\n" + table(data["cold_load"], ["case", "ttft_ms"])
 
 
-RENDER = {"mixed_adapters": mixed, "serve_load": serve, "adapter_ops": ops}
+def fleet(data: dict) -> str:
+    rows = data["rows"]
+    for r in rows:
+        r["req/s"], r["tok/s"] = r.get("req_s", r["requests"] / r["seconds"]), r["tok_s"]
+        r["TTFT p50/p99 ms"] = _pair(r["ttft_p50_ms"], r["ttft_p99_ms"])
+        r["cold loads /100 req"], r["parses /100 req"] = r.get("cold_per_100"), r.get("parses_per_100")
+        r["busiest replica's share"] = r.get("busiest_share")
+        r["1-token latency p50/p99 ms"] = _pair(r.get("latency_p50_ms"), r.get("latency_p99_ms"))
+    return table(rows, ["config", "req/s", "tok/s", "TTFT p50/p99 ms", "cold loads /100 req", "parses /100 req",
+                        "busiest replica's share", "1-token latency p50/p99 ms", "errors"],
+                 {"req/s": 2, "busiest replica's share": 2})
+
+
+RENDER = {"mixed_adapters": mixed, "serve_load": serve, "adapter_ops": ops, "fleet": fleet}
 
 
 def main(names: list[str], results_dir: Path = RESULTS_DIR) -> None:

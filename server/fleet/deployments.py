@@ -47,12 +47,13 @@ class Held:
     """An adapter a replica holds for Ray Serve's multiplexing. Ray calls `__del__` when it evicts the id
     (least recently used beyond `max_num_models_per_replica`)."""
 
-    def __init__(self, name: str, held: set[str]):
+    def __init__(self, name: str, held: dict[str, Held]):
         self.name, self._held = name, held
-        held.add(name)
+        held[name] = self
 
-    def __del__(self) -> None:
-        self._held.discard(self.name)
+    def __del__(self) -> None:  # called by Ray at eviction, and again by the garbage collector later
+        if self._held.get(self.name) is self:  # not a newer Held of the same adapter, loaded since
+            del self._held[self.name]
 
 
 @serve.deployment(name="Replica")
@@ -72,7 +73,7 @@ class Replica:
         self.started = time.time()
         self.requests, self.loads = 0, 0
         self.by_adapter: Counter[str] = Counter()
-        self.held: set[str] = set()
+        self.held: dict[str, Held] = {}
 
         async def load(name: str) -> Held:  # a plain function: Ray keeps its cache as an attribute on it
             return await self._load(name)

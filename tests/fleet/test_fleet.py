@@ -77,7 +77,7 @@ def test_requests_for_an_adapter_land_on_the_replica_that_holds_it(fleet, tenant
     before = {x["replica"]: x["requests_by_adapter"] for x in fleet.replicas()}
     for name in names:  # the first request loads it on one replica, which tells Ray's router it holds it
         assert complete(fleet, tenant, name).status_code == 200
-    time.sleep(1.5)  # Ray pushes a replica's model ids every 0.1 s; the router learns them soon after
+        time.sleep(0.5)  # Ray pushes a replica's model ids every 0.1 s; the router learns them soon after
     where: dict[str, Counter] = defaultdict(Counter)
     for _ in range(5):
         for name in names:
