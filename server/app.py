@@ -18,6 +18,7 @@ from server.api.openapi import install_openapi
 from server.api.deps import Served
 from server.config import Config
 from server.errors import install_error_handlers
+from server.tools.template import DEFAULT_MODEL_TEMPLATE
 from server.logs import RequestId
 from server.metrics import Metrics
 
@@ -95,10 +96,12 @@ def create_app(config: Config, model=None) -> FastAPI:
         started = time.monotonic()
         adapted = model if model is not None else await anyio.to_thread.run_sync(load_model, config)
         tokenizer = adapted.base.tokenizer
-        if config.model.chat_template:
+        template = config.model.chat_template or (DEFAULT_MODEL_TEMPLATE if model is None and not config.model.path
+                                                  else None)
+        if template:
             from server.tools import load_chat_template
 
-            tokenizer.chat_template = load_chat_template(config.model.chat_template)
+            tokenizer.chat_template = load_chat_template(template)
         # indexes the headers (local) or checks the bucket (S3); StoreNotWritable names what cannot be used
         store, tenancy = await anyio.to_thread.run_sync(open_store_and_tenancy, config, adapted.spec)
         engine = Engine(config.engine, adapted, tokenizer, store, weight=tenancy.weight)

@@ -45,7 +45,7 @@ class Settings(BaseSettings):
     max_adapter_bytes: int = Field(256 * 2**20, ge=1024, description="largest adapter upload accepted (bytes)")
     merge_policy: MergePolicy = Field("auto", description="never | auto | always: merge one adapter into the weights")
     targets: str = Field("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", description="adapted linear layers")
-    chat_template: str | None = Field(None, description="Jinja chat template file, or a bundled one (chatml-tools: ChatML with tool calling); default: the model's own")
+    chat_template: str | None = Field(None, description="Jinja chat template file, or a bundled one (chatml-tools: ChatML with tool calling); default: the model's own (the default model: chatml-tools, which renders plain chats as its own template does)")
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field("info", description="log level")
     log_format: Literal["json", "text"] = Field("json", description="json: one JSON object per log line, with the request id; text: plain lines")
     metrics_max_tenants: int = Field(64, ge=0, le=100_000, description="tenants with their own label in /metrics (later ones count as _other)")

@@ -8,6 +8,9 @@ from pathlib import Path
 
 TEMPLATES = Path(__file__).parent / "templates"
 BUNDLED = {path.stem.replace("_", "-"): path for path in TEMPLATES.glob("*.jinja")}  # chatml-tools
+# The default model's (SmolLM2-Instruct's) own template has no tools; this one adds them and renders every plain
+# chat exactly as it does (tests/api/test_e2e_openai_surface.py), so the default model serves tools out of the box.
+DEFAULT_MODEL_TEMPLATE = "chatml-tools"
 
 
 def load_chat_template(value: str) -> str:
