@@ -251,7 +251,7 @@ class Engine:
         decode = lambda t: self.tokenizer.decode(t, skip_special_tokens=True)  # noqa: E731
         return Sequence(request_id=req.request_id, prompt_ids=list(ids), params=p,
                         detok=Detokenizer(decode, ids), adapter_key=key, adapter=adapter, tenant=req.tenant,
-                        matcher=matcher, kv_root=namespace(key, req.cache_salt))
+                        matcher=matcher, kv_root=namespace(key, req.cache_salt or p.cache_salt))
 
     def abort(self, request_id: str) -> None:
         with self._lock:

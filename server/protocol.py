@@ -93,6 +93,8 @@ class SamplingFields(BaseModel):
 
     model: Text | None = Field(None, description="the base model's name, or an adapter id")
     adapter_id: Text | None = Field(None, description="adapter to apply (takes precedence over model)")
+    cache_salt: Text | None = Field(None, min_length=1, description="prefix-cache isolation: only requests with "
+                                    "the same salt (and the same adapter version) share cached prompt blocks")
     max_tokens: int | None = Field(None, ge=1, le=2**31, description="most tokens to generate")
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 = greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -310,10 +312,15 @@ class ChatCompletionRequest(SamplingFields):
 
 # ---- responses ------------------------------------------------------------------------------------------
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache (not recomputed)
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
 
 
 class CompletionLogprobs(BaseModel):

@@ -35,6 +35,7 @@ class SamplingParams:
     min_tokens: int = 0  # vLLM: no end-of-sequence or stop token before this many tokens
     stop_token_ids: tuple[int, ...] = ()  # vLLM: these tokens end the request like end-of-sequence
     prompt_logprobs: int | None = None  # None = none; k >= 0: each prompt token's logprob + top-k alternatives
+    cache_salt: str | None = None  # prefix-cache isolation (not a sampling control: the engine reads it once)
     grammar: object | None = field(default=None, compare=False)  # compiled structured-output grammar (opaque)
 
 

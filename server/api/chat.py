@@ -51,7 +51,7 @@ async def chat_completions(req: ChatCompletionRequest, engine: EngineDep, store:
                                   logprobs=_logprobs(r.logprobs) if req.logprobs else None,
                                   prompt_token_ids=r.prompt_token_ids if ids else None,
                                   token_ids=r.token_ids if ids else None))
-    counts = {r.index: (r.prompt_tokens, r.completion_tokens) for r in results}
+    counts = {r.index: (r.prompt_tokens, r.completion_tokens, r.cached_tokens) for r in results}
     await meter.close(used := usage(counts, req.n))
     return ChatCompletionResponse(id=rid, created=now(), model=model, choices=choices, usage=used)
 
@@ -97,7 +97,7 @@ async def _stream(engine: Engine, runs: list[Run], req: ChatCompletionRequest, r
         # OpenAI opens every choice with a delta that carries only the role
         yield chunk([ChatChunkChoice(index=r.index, delta=Delta(role="assistant", content="")) for r in runs])
         async for run, out in generation.interleave(runs):
-            counts[run.index] = (out.prompt_tokens, out.completion_tokens)
+            counts[run.index] = (out.prompt_tokens, out.completion_tokens, out.cached_tokens)
             if not (out.text or out.token_ids or out.finished):
                 continue
             parser = parsers.get(run.index)

@@ -40,7 +40,7 @@ async def completions(req: CompletionRequest, engine: EngineDep, store: StoreDep
         return sse(_stream(engine, runs, req, rid, model, meter, tokenizer, texts))
     results = sorted(await generation.collect_all(engine, runs, request.is_disconnected), key=lambda r: r.index)
     choices = [_choice(req, r, tokenizer, texts[r.index // req.n] if texts else None) for r in results]
-    counts = {r.index: (r.prompt_tokens, r.completion_tokens) for r in results}
+    counts = {r.index: (r.prompt_tokens, r.completion_tokens, r.cached_tokens) for r in results}
     await meter.close(used := usage(counts, req.n))
     return CompletionResponse(id=rid, created=now(), model=model, choices=choices, usage=used)
 
@@ -65,7 +65,7 @@ async def _stream(engine: Engine, runs: list[Run], req: CompletionRequest, rid: 
     to_echo = {r.index for r in runs} if texts is not None else set()
     try:
         async for run, out in generation.interleave(runs):
-            counts[run.index] = (out.prompt_tokens, out.completion_tokens)
+            counts[run.index] = (out.prompt_tokens, out.completion_tokens, out.cached_tokens)
             head, prefix = "", None
             if run.index in to_echo:  # a choice's first chunk carries the echoed prompt (and its logprobs)
                 to_echo.discard(run.index)

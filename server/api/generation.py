@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 
 from server.engine import Engine, GenerationFailed, GenerationRequest, RequestOutput, SamplingParams, TokenLogprob
 from server.errors import APIError, as_api_error, error_body
-from server.protocol import Usage
+from server.protocol import PromptTokensDetails, Usage
 from server.sequence import PromptLogprob
 
 DISCONNECT_POLL_S = 0.5
@@ -44,6 +44,7 @@ class Result:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
 
 
 async def _prime(run: Run) -> None:
@@ -149,6 +150,7 @@ async def collect(run: Run) -> Result:
             res.prompt_logprobs = out.prompt_logprobs
         res.finish_reason = out.finish_reason
         res.prompt_tokens, res.completion_tokens = out.prompt_tokens, out.completion_tokens
+        res.cached_tokens = out.cached_tokens
     res.text = "".join(parts)
     return res
 
@@ -204,12 +206,14 @@ async def interleave(runs: list[Run]) -> AsyncIterator[tuple[Run, RequestOutput]
             t.cancel()
 
 
-def usage(counts: dict[int, tuple[int, int]], n: int):
-    """Usage from {choice index: (prompt_tokens, completion_tokens)}; a prompt counts once, not per choice,
-    as OpenAI counts it."""
-    prompt = sum(p for i, (p, _) in counts.items() if i % n == 0)
-    completion = sum(c for _, c in counts.values())
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+def usage(counts: dict[int, tuple[int, int, int]], n: int):
+    """Usage from {choice index: (prompt_tokens, completion_tokens, cached prompt tokens)}; a prompt counts
+    once, not per choice, as OpenAI counts it (its cached tokens: those of its first choice)."""
+    prompt = sum(c[0] for i, c in counts.items() if i % n == 0)
+    cached = sum(c[2] for i, c in counts.items() if i % n == 0)
+    completion = sum(c[1] for c in counts.values())
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
 
 def stream_error(exc: Exception) -> dict:

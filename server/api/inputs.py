@@ -74,7 +74,7 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
                           stop_token_ids=tuple(req.stop_token_ids or ()),
                           max_tokens=16 if max_tokens is None else max_tokens, temperature=req.temperature, top_p=req.top_p,
                           top_k=req.top_k, seed=req.seed, stop=tuple(req.stop), ignore_eos=req.ignore_eos,
-                          logprobs=logprobs)
+                          logprobs=logprobs, cache_salt=req.cache_salt)
 
 
 def grammar_spec(req: SamplingFields) -> GrammarSpec | None:

@@ -40,6 +40,8 @@ def test_upload_then_complete_matches_dense_reference(client, reference, method,
     assert base["token_ids"] == reference.greedy(ids, N_TOKENS)
     assert choice["token_ids"] != base["token_ids"], "the adapter should change the greedy output"
     usage = body["usage"]
+    cached = usage.pop("prompt_tokens_details")["cached_tokens"]  # earlier tests may have cached its prefix
+    assert 0 <= cached < len(ids) and cached % 16 == 0
     assert usage == {"prompt_tokens": len(ids), "completion_tokens": N_TOKENS, "total_tokens": len(ids) + N_TOKENS}
 
     # the same request streamed: same text, OpenAI chunks, ends with [DONE]

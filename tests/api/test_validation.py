@@ -94,7 +94,8 @@ def test_completion_shape_n_seed_stop_and_logprobs(client):
     assert r.status_code == 200, r.text
     out = r.json()
     assert out["object"] == "text_completion" and [c["index"] for c in out["choices"]] == [0, 1, 2, 3]
-    assert out["usage"] == {"prompt_tokens": 4, "completion_tokens": 24, "total_tokens": 28}
+    assert out["usage"] == {"prompt_tokens": 4, "completion_tokens": 24, "total_tokens": 28,
+                            "prompt_tokens_details": {"cached_tokens": 0}}  # no full 16-token block to reuse
     for c in out["choices"]:
         lp = c["logprobs"]
         assert len(lp["tokens"]) == 6 and "".join(lp["tokens"]) == c["text"]
