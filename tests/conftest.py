@@ -60,8 +60,11 @@ def start_server(tmp: Path, *extra: str) -> ServerProcess:
     """Start `python -m server` on a free port and wait until /health answers 200."""
     port = free_port()
     store, log = tmp / "store", tmp / "server.log"
+    # float32 unless a test asks otherwise: the references the answers are checked against are float32 (the
+    # server's --dtype auto picks bfloat16 on CPUs with native bf16, where tokens match up to near-ties only)
+    dtype = () if "--dtype" in extra else ("--dtype", "float32")
     cmd = [sys.executable, "-m", "server", "--port", str(port), "--store", str(store),
-           "--cache-dir", str(FACTOR_CACHE), *extra]
+           "--cache-dir", str(FACTOR_CACHE), *dtype, *extra]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=_clean_env())
     srv = ServerProcess(f"http://127.0.0.1:{port}", store, FACTOR_CACHE, proc, log)
@@ -194,3 +197,35 @@ def tiny_model_dir(tmp_path_factory) -> str:
     base.model.save_pretrained(path)
     base.tokenizer.save_pretrained(path)
     return str(path)
+
+
+# ---- memory ------------------------------------------------------------------------------------------------
+
+class PeakRss:
+    """The peak resident memory of process `pid` (default: this one) while the `with` block runs, sampled
+    every `interval_s` in a thread: `.start` at entry, `.peak` the highest seen (final after exit)."""
+
+    def __init__(self, pid: int | None = None, interval_s: float = 0.01):
+        import psutil
+
+        self._proc, self._interval = psutil.Process(pid), interval_s
+        self.start = self.peak = self._proc.memory_info().rss
+        self._stop = None
+
+    def __enter__(self) -> PeakRss:
+        import threading
+
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            self._stop.wait(self._interval)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)

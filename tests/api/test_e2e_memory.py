@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import REPO, start_server, stop_server
+from tests.conftest import REPO, PeakRss, start_server, stop_server
 
 pytestmark = pytest.mark.e2e
 MiB = 2**20
@@ -59,28 +59,19 @@ def test_rss_is_bounded_with_a_2gb_store_and_8_concurrent_200mb_uploads(tmp_path
             listed = rss(pid)
             assert listed - base < RSS_BOUND, f"{(listed - base) / MiB:.0f} MiB more with a 2 GB store"
 
-            peak, stop = [listed], threading.Event()
-
-            def sample():
-                while not stop.is_set():
-                    peak.append(rss(pid))
-                    time.sleep(0.05)
-
-            sampler = threading.Thread(target=sample)
-            sampler.start()
             results: list = []
             clients = [threading.Thread(target=_upload, args=(srv.url, results, i)) for i in range(8)]
-            for t in clients:
-                t.start()
-            for t in clients:
-                t.join(180)
-            stop.set()
-            sampler.join()
+            with PeakRss(pid, interval_s=0.05) as memory:
+                for t in clients:
+                    t.start()
+                for t in clients:
+                    t.join(180)
             assert len(results) == 8 and all(r in (413, "WriteError", "RemoteProtocolError", "ReadError")
                                              for r in results), results
-            assert max(peak) - base < RSS_BOUND, f"peak {(max(peak) - base) / MiB:.0f} MiB over the idle server"
+            peak = max(memory.peak, listed)
+            assert peak - base < RSS_BOUND, f"peak {(peak - base) / MiB:.0f} MiB over the idle server"
             assert not list(d.glob(".upload-*")) and c.get("/health").status_code == 200
             print(f"RSS: idle {base / MiB:.0f} MiB; 2 GB store listed +{(listed - base) / MiB:.1f} MiB; "
-                  f"8 x 200 MB uploads peak +{(max(peak) - base) / MiB:.1f} MiB")
+                  f"8 x 200 MB uploads peak +{(peak - base) / MiB:.1f} MiB")
     finally:
         stop_server(srv)

@@ -19,7 +19,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import httpx
-import psutil
 import uvicorn
 
 import server.store.local as store_mod  # the local backend: its hashing, parsing and writes
@@ -29,7 +28,7 @@ from adapters.runtime import AdaptedModel
 from adapters.synthetic import random_adapter
 from server.app import create_app
 from server.config import Settings, build_config
-from tests.conftest import tiny_chat_model
+from tests.conftest import PeakRss, tiny_chat_model
 
 R_MAX = 16
 MiB = 2**20
@@ -249,17 +248,6 @@ def test_memory_stays_flat_while_clients_stream_more_than_the_limit(tmp_path):
     limit, clients, body = 32 * MiB, 4, 48 * MiB
     with live_server(tmp_path, max_adapter_bytes=limit) as live:
         assert put(live, "warm", live.adapter(1)).status_code == 201  # threads, buffers, code paths warmed up
-        proc = psutil.Process()
-        baseline = proc.memory_info().rss
-        peak, done = [baseline], threading.Event()
-
-        def sample():
-            while not done.is_set():
-                peak[0] = max(peak[0], proc.memory_info().rss)
-                time.sleep(0.005)
-
-        sampler = threading.Thread(target=sample)
-        sampler.start()
         results, sent = [None] * clients, [0] * clients
 
         def client(i):
@@ -272,14 +260,13 @@ def test_memory_stays_flat_while_clients_stream_more_than_the_limit(tmp_path):
 
         threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
         started = time.monotonic()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        done.set()
-        sampler.join()
+        with PeakRss(interval_s=0.005) as memory:
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
         elapsed = time.monotonic() - started
-        grown = peak[0] - baseline
+        grown = memory.peak - memory.start
         print(f"\n{clients} x {body // MiB} MiB sent, {clients * limit // MiB} MiB received in {elapsed:.1f} s; "
               f"peak RSS growth {grown / MiB:.1f} MiB")
         assert all(r.status_code == 413 for r in results), [r.text for r in results]
