@@ -27,7 +27,7 @@ class Settings(BaseSettings):
 
     model: str | None = Field(None, description="local HF model directory or GGUF file (default: SmolLM2-135M-Instruct)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N (auto: cuda when present)")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: float32 on CPU, bfloat16 on CUDA")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bfloat16 on CUDA and on CPUs with native bf16 (avx512_bf16 or AMX), else float32 (guarantees per dtype: docs/engine.md)")
     max_rank: int = Field(64, ge=1, le=4096, description="r_max of the SVD factor cache")
     store: str = Field("./adapters-store", description="adapter store: a directory, or s3://BUCKET/PREFIX (object storage configured by AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION; its index in the --database-url database)")
     store_cache_dir: str | None = Field(None, description="with an s3:// store: this replica's disk cache of adapter files (default ~/.cache/svdserve/adapters)")
@@ -183,7 +183,22 @@ def resolve_device(device: str) -> str:
 def resolve_dtype(dtype: str, device: str) -> str:
     if dtype != "auto":
         return dtype
-    return "bfloat16" if device.startswith("cuda") else "float32"
+    return "bfloat16" if native_bf16(device) else "float32"
+
+
+def native_bf16(device: str) -> bool:
+    """Does the device compute in bfloat16 natively? CUDA: yes (as torch says); a CPU: when it has
+    avx512_bf16 or AMX (amx_bf16), where bf16 decode measured 1.6x float32 (bench/engine.py)."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.is_bf16_supported()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:  # not Linux: keep float32
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def settings_from_env(env: dict[str, str] | None = None) -> dict[str, str]:
