@@ -12,7 +12,8 @@ model's tokenizer (SmolLM2-135M-Instruct, 49152 tokens).
    lockstep; every token must be allowed by the mask (asserted) and accepted. Per step: filling the 32 rows' bitmasks
    (per-row loop, as server/grammar/masks.py does, and each engine's parallel batch call) and applying them to a
    [32, 49152] float32 logits tensor with the engine's own apply function; per token: accept / consume. Every apply
-   function (xgrammar's cpu / torch_compile / torch_native backends, llguidance's torch.compile kernel) is also timed
+   function (xgrammar's cpu / torch_compile / torch_native backends, llguidance's torch.compile kernel, and the
+   vectorised unpack + torch.where svdserve serves with, server/grammar/masks.py) is also timed
    on the same recorded masks (they share one bitmask layout), warm, and cold: first call in a fresh process with an
    empty inductor cache.
 3. Schema coverage: 14 schemas exercising JSON-Schema features; does the engine compile each, accept a valid
@@ -388,9 +389,15 @@ def apply_functions() -> dict:
     def x(backend: str):
         return lambda lg, bm: xgr.apply_token_bitmask_inplace(lg, bm, vocab_size=VOCAB, backend=backend)
 
+    def ours(lg, bm):  # what the server runs (server/grammar/masks.py)
+        from server.grammar.masks import masked
+
+        lg.copy_(masked(lg, bm))
+
     return {"xgrammar cpu (auto)": ("xgrammar", x("cpu")), "xgrammar torch_compile": ("xgrammar", x("torch_compile")),
             "xgrammar torch_native": ("xgrammar", x("torch_native")),
-            "llguidance torch.compile": ("llguidance", lt.apply_token_bitmask_inplace)}
+            "llguidance torch.compile": ("llguidance", lt.apply_token_bitmask_inplace),
+            "svdserve torch.where (served)": ("xgrammar", ours)}
 
 
 def first_calls(label: str, batch: int) -> dict:

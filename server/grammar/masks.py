@@ -25,10 +25,17 @@ def apply_masks(logits: torch.Tensor, matchers: Sequence[object | None]) -> torc
     bitmask = xgr.allocate_token_bitmask(len(rows), V)  # [R, ceil(V/32)] int32, bit t%32 of word t//32
     for r, b in enumerate(rows):
         matchers[b].fill_next_token_bitmask(bitmask, r)
-    allowed = ((bitmask[:, :, None] >> _SHIFTS) & 1).view(len(rows), -1)[:, :V].bool()  # [R, V]
     out = logits.clone()
-    out[rows] = torch.where(allowed.to(logits.device), logits[rows], float("-inf"))
+    out[rows] = masked(logits[rows], bitmask)
     return out
+
+
+def masked(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """logits: [R, V], bitmask: [R, ceil(V/32)] int32 (bit t%32 of word t//32 set = token t allowed) -> the
+    logits with every refused token at -inf."""
+    R, V = logits.shape
+    allowed = ((bitmask[:, :, None] >> _SHIFTS) & 1).view(R, -1)[:, :V].bool()  # [R, V]
+    return torch.where(allowed.to(logits.device), logits, float("-inf"))
 
 
 def accept(matchers: Sequence[object | None], tokens: Sequence[int]) -> list[bool]:
