@@ -52,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--adapters", type=int, default=1000)
     p.add_argument("--requests", type=int, default=1000, help="measured requests per configuration")
     p.add_argument("--warmup", type=int, default=500, help="adapter requests before the measured ones")
+    p.add_argument("--base-requests", type=int, default=400, help="measured base-model requests (overhead rows)")
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--zipf-s", type=float, default=1.0, help="adapter popularity exponent (0: uniform)")
@@ -63,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--name", default=None)
     args = p.parse_args(argv)
     if args.quick:
-        args.requests, args.warmup, args.max_tokens, args.probes = 200, 200, 4, 20
+        args.requests, args.warmup, args.base_requests, args.max_tokens, args.probes = 200, 200, 100, 4, 20
     args.name = args.name or ("fleet_quick" if args.quick else "fleet")
     return args
 
@@ -219,8 +220,8 @@ def run(args, work: Path, store: Path) -> list[dict]:
     with plain(args, store, logs) as url:
         print(f"uploading {args.adapters} adapters", flush=True)
         upload_adapters(url, args.adapters, args)
-        load(url, args, base_body)  # warm
-        base = load(url, args, base_body) | latency_probe(url, args.probes) | {"config": "plain server: base model"}
+        load(url, args, base_body, 4 * args.clients)  # warm
+        base = load(url, args, base_body, args.base_requests) | latency_probe(url, args.probes) | {"config": "plain server: base model"}
         show(base)
         warm_adapters(url, args)
         before = plain_counters(url)
@@ -232,13 +233,13 @@ def run(args, work: Path, store: Path) -> list[dict]:
         show(row)
         rows += [base, row]
     with fleet(args, store, logs, 1, 2, "affinity") as url:
-        load(url, args, base_body)
-        row = load(url, args, base_body) | latency_probe(url, args.probes) | {"config": "fleet, 1 replica (2 CPUs): base model"}
+        load(url, args, base_body, 4 * args.clients)
+        row = load(url, args, base_body, args.base_requests) | latency_probe(url, args.probes) | {"config": "fleet, 1 replica (2 CPUs): base model"}
         show(row)
         rows.append(row)
     for routing in ("affinity", "random"):
         with fleet(args, store, logs, 2, 1, routing) as url:
-            load(url, args, base_body)
+            load(url, args, base_body, 4 * args.clients)
             row = affinity_row(url, args, sequence, f"fleet, 2 replicas, {routing} routing: {args.adapters} adapters")
             show(row)
             rows.append(row)

@@ -81,8 +81,10 @@ def application(config, args: argparse.Namespace):
     from server.fleet.deployments import Ingress, Replica
 
     ongoing = args.max_ongoing_requests or config.engine.max_batch_size
-    replica = Replica.options(num_replicas=args.replicas, max_ongoing_requests=ongoing,
-                              ray_actor_options={"num_cpus": args.replica_cpus})
+    actor: dict = {"num_cpus": args.replica_cpus}
+    if aws := {k: v for k, v in os.environ.items() if k.startswith("AWS_")}:
+        actor["runtime_env"] = {"env_vars": aws}  # an s3:// store's settings, on whichever node a replica runs
+    replica = Replica.options(num_replicas=args.replicas, max_ongoing_requests=ongoing, ray_actor_options=actor)
     # the ingress only relays: no CPU reserved, and no cap below what all replicas together take
     ingress = Ingress.options(num_replicas=1, max_ongoing_requests=max(1000, 4 * ongoing * args.replicas),
                               ray_actor_options={"num_cpus": 0})

@@ -1,5 +1,6 @@
 """A fleet for the tests: `python -m server fleet --replicas 2` on a tiny random model saved as a local model
-directory, a local Ray cluster, the suite's PostgreSQL as the shared tenants' database and one store directory.
+directory, a local Ray cluster, the suite's PostgreSQL as the shared tenants' database and an S3 bucket of the
+suite's S3 server as the shared adapter store.
 Started once per module and stopped at its end (the launcher removes the application and stops the cluster)."""
 
 from __future__ import annotations
@@ -36,10 +37,11 @@ class Fleet:
     def log_tail(self, n: int = 6000) -> str:
         return self.log.read_text(errors="replace")[-n:]
 
-    def adapter_bytes(self, seed: int, method: str = "osora", rank: int = 4) -> bytes:
+    def adapter_bytes(self, seed: int, method: str = "osora", rank: int = 8) -> bytes:
+        """A strong random adapter: its logprobs differ from the base model's and other seeds' by tenths."""
         from adapters.synthetic import random_adapter
 
-        return random_adapter(method, self.spec, self.factors, rank=rank, seed=seed).to_bytes()
+        return random_adapter(method, self.spec, self.factors, rank=rank, seed=seed, strength=3.0).to_bytes()
 
     def admin(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -65,15 +67,16 @@ def save_tiny_model(directory: Path, cache_dir: Path) -> tuple[object, dict]:
     return BaseSpec(shapes=base.shapes(), r_max=R_MAX, fingerprint=base.fingerprint), factors
 
 
-def start_fleet(tmp: Path, database_url: str, *extra: str) -> Fleet:
-    model_dir, cache_dir, store, log = tmp / "tiny-llama", tmp / "factors", tmp / "store", tmp / "fleet.log"
+def start_fleet(tmp: Path, database_url: str, store: str, env: dict[str, str], *extra: str) -> Fleet:
+    """`store`: a directory or s3://...; `env`: extra environment (the S3 server's AWS_* variables)."""
+    model_dir, cache_dir, log = tmp / "tiny-llama", tmp / "factors", tmp / "fleet.log"
     spec, factors = save_tiny_model(model_dir, cache_dir)
     port = free_port()
     cmd = [sys.executable, "-m", "server", "fleet", "--replicas", "2", "--replica-cpus", "1", "--model", str(model_dir),
-           "--cache-dir", str(cache_dir), "--store", str(store), "--database-url", database_url, "--port", str(port),
-           "--admin-key", ADMIN_KEY, "--max-rank", str(R_MAX), "--device", "cpu", "--max-model-len", "256",
-           "--max-resident-adapters", "8", *extra]
-    env = _clean_env() | {"RAY_DEDUP_LOGS": "0"}
+           "--cache-dir", str(cache_dir), "--store", store, "--store-cache-dir", str(tmp / "adapter-cache"),
+           "--database-url", database_url, "--port", str(port), "--admin-key", ADMIN_KEY, "--max-rank", str(R_MAX),
+           "--device", "cpu", "--max-model-len", "256", "--max-resident-adapters", "8", *extra]
+    env = {k: v for k, v in _clean_env().items() if not k.startswith("AWS_")} | env | {"RAY_DEDUP_LOGS": "0"}
     with open(log, "wb") as out:  # its own session: the teardown can end every process it started
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     fleet = Fleet(f"http://127.0.0.1:{port}", proc, log, model_dir, cache_dir, spec, factors)
@@ -108,8 +111,12 @@ def stop_fleet(fleet: Fleet) -> None:
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory, postgres) -> Iterator[Fleet]:
-    """Two replicas of at most 2 running requests each (so a burst for one adapter spills to the other)."""
-    f = start_fleet(tmp_path_factory.mktemp("fleet"), postgres.new_database(), "--max-batch-size", "2")
+def fleet(tmp_path_factory, postgres, s3_server) -> Iterator[Fleet]:
+    """Two replicas of at most 2 running requests each (so a burst for one adapter spills to the other), on the
+    fleet's shared state: the suite's PostgreSQL and an S3 bucket on its S3 server (moto), the adapter index in
+    the database."""
+    store = f"s3://{s3_server.new_bucket()}/fleet"
+    f = start_fleet(tmp_path_factory.mktemp("fleet"), postgres.new_database(), store, s3_server.env,
+                    "--max-batch-size", "2")
     yield f
     stop_fleet(f)

@@ -37,8 +37,8 @@ def tenant(fleet) -> dict[str, str]:
 
 def complete(fleet, headers: dict, model: str, max_tokens: int = 8) -> httpx.Response:
     with _client(fleet) as c:
-        return c.post("/v1/completions", headers=headers,
-                      json={"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0})
+        return c.post("/v1/completions", headers=headers, json={
+            "model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "prompt_logprobs": 0})
 
 
 def burst(fleet, headers: dict, model: str, n: int = 8, max_tokens: int = 48) -> list[httpx.Response]:
@@ -56,9 +56,29 @@ def put(fleet, headers: dict, name: str, seed: int) -> httpx.Response:
         return c.put(f"/adapters/{name}", content=fleet.adapter_bytes(seed), headers=headers)
 
 
-def texts(responses: list[httpx.Response]) -> set[str]:
-    assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
-    return {r.json()["choices"][0]["text"] for r in responses}
+def signature(r: httpx.Response) -> list[float]:
+    """The logprobs of the prompt's tokens: which adapter version ran, robust to the batch a request shared
+    (greedy text of a random tiny model can flip at a near-tie when the batch changes the float rounding)."""
+    assert r.status_code == 200, r.text
+    return [next(iter(e.values()))["logprob"] for e in r.json()["choices"][0]["prompt_logprobs"] if e]
+
+
+def distance(a: list[float], b: list[float]) -> float:
+    assert len(a) == len(b)
+    return max(abs(x - y) for x, y in zip(a, b))
+
+
+def same(a: list[float], b: list[float]) -> bool:
+    """Equal up to float rounding: a merged adapter (merge policy auto, one adapter's batch) or another batch
+    shape moves a logprob by a few 1e-3 here; another adapter version moves them by tenths."""
+    return distance(a, b) < 0.02
+
+
+def version(responses: list[httpx.Response]) -> list[float]:
+    """The one signature every response shares (asserted)."""
+    first = signature(responses[0])
+    assert all(same(signature(r), first) for r in responses[1:])
+    return first
 
 
 def test_an_adapter_uploaded_through_one_request_is_served_by_both_replicas(fleet, tenant):
@@ -66,8 +86,8 @@ def test_an_adapter_uploaded_through_one_request_is_served_by_both_replicas(flee
     assert r.status_code == 201, r.text
     responses = burst(fleet, tenant, "pirate")
     assert answered_by(responses) == {x["replica"] for x in fleet.replicas()}  # both replicas served it
-    base = texts([complete(fleet, tenant, "tiny-llama", max_tokens=48)])
-    assert len(texts(responses)) == 1 and texts(responses) != base  # the adapter's text, the same on both
+    base = signature(complete(fleet, tenant, "tiny-llama"))
+    assert distance(version(responses), base) > 0.1  # the adapter ran, the same on both replicas
 
 
 def test_requests_for_an_adapter_land_on_the_replica_that_holds_it(fleet, tenant):
@@ -99,11 +119,11 @@ def test_a_replace_and_a_delete_are_seen_by_every_replica(fleet, tenant):
     assert put(fleet, tenant, "second-version", seed=21).status_code == 201  # v2's bytes, to know its text
     old = burst(fleet, tenant, "evolving")
     assert len(answered_by(old)) == 2  # both replicas hold v1 (resident in their engines)
-    v2 = texts(burst(fleet, tenant, "second-version", n=2))
-    assert texts(old) != v2
+    v1, v2 = version(old), signature(complete(fleet, tenant, "second-version"))
+    assert distance(v1, v2) > 0.1
     assert put(fleet, tenant, "evolving", seed=21).status_code == 200  # replaced through one replica
     new = burst(fleet, tenant, "evolving")
-    assert len(answered_by(new)) == 2 and texts(new) == v2  # no replica serves v1 any more
+    assert len(answered_by(new)) == 2 and same(version(new), v2)  # no replica serves v1 any more
     with _client(fleet) as c:
         assert c.delete("/adapters/evolving", headers=tenant).status_code == 200
     gone = [complete(fleet, tenant, "evolving") for _ in range(16)]  # both hold it for Ray: both are asked
