@@ -152,14 +152,16 @@ class DecoderModel:
         return self.lm_head(normed).float()
 
     def decode(self, tokens: torch.Tensor, pos: torch.Tensor, table: torch.Tensor,
-               batch: AdapterBatch | None, group: object = None) -> torch.Tensor:
+               batch: AdapterBatch | None, assigned: bool = False) -> torch.Tensor:
         """tokens, pos: [B] each row's input token and its position; table: [B, nb] block tables covering
-        pos + 1 tokens (padded with the null block). `group` names the rows' sequences: the same as the
-        previous call means the same sequences one token further, and the decode workspace is reused (None:
-        rebuilt). Returns logits [B, V] (float32)."""
+        pos + 1 tokens (padded with the null block). `assigned`: the rows are in the order
+        `self.workspace.assign` gave for this step's sequences (their workspace rows are kept); else the
+        workspace is gathered afresh. Returns logits [B, V] (float32)."""
         B = tokens.shape[0]
         L = int(pos.max()) + 1
-        self.workspace.prepare(group, table, L)
+        if not assigned:
+            self.workspace.invalidate()
+        self.workspace.prepare(table, L)
         slots = self.slots(table, torch.arange(B, device=self.device), pos)
         cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]  # [B, 1, 1, hd]
         # additive float mask, built once per step (a bool mask is converted by SDPA in every layer)
@@ -170,7 +172,7 @@ class DecoderModel:
         def attend(i: int, q, k, v):
             self.cache.write(i, slots, k[:, :, 0], v[:, :, 0])
             self.workspace.write(i, pos, k[:, :, 0], v[:, :, 0])
-            kc, vc = self.workspace.read(i, L)  # [B, KV, L, hd]
+            kc, vc = self.workspace.read(i, B, L)  # [B, KV, L, hd]
             return F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=self.scale, enable_gqa=True)
 
         h = self._layers(self.embed(tokens[:, None]), cos, sin, batch, attend)  # [B, 1, D]

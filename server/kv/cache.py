@@ -54,49 +54,93 @@ class PagedKVCache:
 
 
 class DecodeWorkspace:
-    """The decode group's K/V as dense rows, kept across steps while the group stays the same.
+    """The decode group's K/V as dense rows, kept across steps.
 
     Gathering every row's blocks in every layer of every decode step cost about a fifth of decode throughput
-    on the 2-core CPU (batch 32, 128-token contexts; bench/engine.py). The workspace gathers once, when the
-    decode group changes (a sequence joins, leaves, or outgrows the workspace), and from then on each step
-    writes its new K/V into both the pool (the store of record: prefix cache, preemption) and the workspace,
-    which attention reads as it read the dense cache before the pool existed. Layout per layer
-    [KV, rows, cap, hd] (a gather lands in it without a permute); its size follows the running sequences,
-    rows × their longest context, not max_batch_size × max_model_len.
+    on the 2-core CPU (batch 32, 128-token contexts; bench/engine.py). The workspace keeps one dense row per
+    decoding sequence instead: each step writes its new K/V into both the pool (the store of record: prefix
+    cache, preemption) and the workspace, which attention reads as it read the dense cache before the pool
+    existed. When the group changes, a sequence that stays keeps its row (rows above the new batch size move
+    down into the holes, as the dense cache's compaction did), and only a new sequence's blocks are gathered
+    into its row; everything is gathered again only when the workspace must grow. Layout per layer
+    [KV, rows, cap, hd] (a gather lands in it without a permute); its size follows the running sequences —
+    rows × their longest context — not max_batch_size × max_model_len.
     """
 
     SLACK = 64  # positions of room beyond the longest context when (re)built
 
     def __init__(self, cache: PagedKVCache, max_len: int):
         self.cache, self.max_len = cache, max_len
-        self.key: object = None
         self.k = self.v = None
         self.cap = 0
-        self.rebuilds = 0
+        self.row_of: dict[object, int] = {}  # sequence key -> its row
+        self._moves: list[tuple[int, int]] = []  # (src row, dst row) to apply at the next prepare
+        self._new: list[int] = []  # rows whose sequences are new: gathered at the next prepare
+        self.rebuilds = self.gathered_rows = 0
 
-    def prepare(self, key: object, table: torch.Tensor, length: int) -> None:
-        """Make the workspace hold rows `table` ([B, nb] block tables) up to `length` positions. `key` names
-        the group; the same key as the last call means the same sequences, each one token further."""
-        B = table.shape[0]
-        if key is not None and key == self.key and self.k is not None and self.k.shape[2] == B and length <= self.cap:
-            return
-        bs = self.cache.block_size
-        cap = min(-(-max(length + self.SLACK, length * 5 // 4) // bs) * bs, -(-self.max_len // bs) * bs)
-        nb = cap // bs
-        padded = torch.zeros(B, nb, dtype=torch.long, device=table.device)  # the null block beyond each table
-        padded[:, :table.shape[1]] = table[:, :nb]
-        flat = padded.reshape(-1)
-        L, KV, hd = self.cache.k.shape[0], self.cache.n_kv, self.cache.head_dim
-        self.k = torch.empty(L, KV, B, cap, hd, dtype=self.cache.k.dtype, device=self.cache.device)
-        self.v = torch.empty_like(self.k)
-        for i in range(L):  # every position in [0, cap) gets finite values: a block's, or the null block's zeros
-            torch.index_select(self.cache.k[i], 1, flat, out=self.k[i].view(KV, B * nb, bs, hd))
-            torch.index_select(self.cache.v[i], 1, flat, out=self.v[i].view(KV, B * nb, bs, hd))
-        self.key, self.cap = key, cap
-        self.rebuilds += 1
+    def assign(self, keys: list[object]) -> list[int]:
+        """Rows 0..len(keys)-1 for the decode group `keys` (one hashable per sequence); returns each key's row.
+        The caller orders its batch by these rows and calls `prepare` before the forward."""
+        B, wanted = len(keys), set(keys)
+        kept = {k: r for k, r in self.row_of.items() if k in wanted}
+        holes = sorted(set(range(B)) - {r for r in kept.values() if r < B})
+        self._moves, self._new = [], []
+        for k, r in sorted(kept.items(), key=lambda kr: kr[1]):
+            if r >= B:
+                kept[k] = holes.pop(0)
+                self._moves.append((r, kept[k]))
+        for k in keys:
+            if k not in kept:
+                kept[k] = holes.pop(0)
+                self._new.append(kept[k])
+        self.row_of = kept
+        return [kept[k] for k in keys]
 
     def invalidate(self) -> None:
-        self.key = None
+        """Forget every row: the next prepare gathers them all."""
+        self.row_of, self._moves, self._new = {}, [], []
+        self.k = None
+
+    def prepare(self, table: torch.Tensor, length: int) -> None:
+        """table: [B, nb] the block tables of rows 0..B-1; make the workspace hold them up to `length`."""
+        B = table.shape[0]
+        if self.k is None or length > self.cap or B > self.k.shape[2]:
+            self._allocate(B, length)
+            self._gather(table, list(range(B)))
+            self.rebuilds += 1
+        else:
+            for src, dst in self._moves:
+                self.k[:, :, dst] = self.k[:, :, src]
+                self.v[:, :, dst] = self.v[:, :, src]
+            if self._new:
+                self._gather(table, self._new)
+        self._moves, self._new = [], []
+
+    def _allocate(self, B: int, length: int) -> None:
+        bs = self.cache.block_size
+        self.cap = min(-(-max(length + self.SLACK, length * 5 // 4) // bs) * bs, -(-self.max_len // bs) * bs)
+        rows = max(B, 8)
+        shape = (self.cache.k.shape[0], self.cache.n_kv, rows, self.cap, self.cache.head_dim)
+        self.k = torch.empty(shape, dtype=self.cache.k.dtype, device=self.cache.device)
+        self.v = torch.empty_like(self.k)
+
+    def _gather(self, table: torch.Tensor, rows: list[int]) -> None:
+        """Copy the blocks of `rows` into their rows; every position in [0, cap) gets finite values (a block's,
+        or the null block's zeros beyond its table)."""
+        bs, KV, hd = self.cache.block_size, self.cache.n_kv, self.cache.head_dim
+        nb, n = self.cap // bs, len(rows)
+        idx = torch.tensor(rows, dtype=torch.long, device=table.device)
+        padded = torch.zeros(n, nb, dtype=torch.long, device=table.device)
+        padded[:, :min(nb, table.shape[1])] = table[idx, :nb]
+        flat = padded.reshape(-1)
+        for i in range(self.cache.k.shape[0]):
+            for src, dst in ((self.cache.k, self.k), (self.cache.v, self.v)):
+                got = src[i].index_select(1, flat).view(KV, n, self.cap, hd)
+                if n == dst.shape[2]:
+                    dst[i].copy_(got)
+                else:
+                    dst[i].index_copy_(1, idx, got)
+        self.gathered_rows += n
 
     def write(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """pos: [B] each row's position; k, v: [B, KV, hd]."""
@@ -104,6 +148,6 @@ class DecodeWorkspace:
         self.k[layer][:, rows, pos] = k.transpose(0, 1)
         self.v[layer][:, rows, pos] = v.transpose(0, 1)
 
-    def read(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V: [B, KV, length, hd] views."""
-        return self.k[layer][:, :, :length].transpose(0, 1), self.v[layer][:, :, :length].transpose(0, 1)
+    def read(self, layer: int, B: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V of rows 0..B-1: [B, KV, length, hd] views."""
+        return (self.k[layer][:, :B, :length].transpose(0, 1), self.v[layer][:, :B, :length].transpose(0, 1))

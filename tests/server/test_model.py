@@ -43,12 +43,23 @@ class Paged:
         return self.m.prefill(tokens, torch.tensor([len(c) for c in chunks]), torch.tensor(ctx),
                               padded_table(tables, self.m.device), batch)
 
-    def decode(self, seqs: list[list[int]], batch=None, group=None) -> torch.Tensor:
-        """One decode step for sequences 0..B-1: the last token of each is the input."""
-        tokens = torch.tensor([s[-1] for s in seqs])
-        pos = torch.tensor([len(s) - 1 for s in seqs])
-        tables = [self.table(i, len(s)) for i, s in enumerate(seqs)]
-        return self.m.decode(tokens, pos, padded_table(tables, self.m.device), batch, group)
+    def decode(self, seqs: list[list[int]], batch=None, ids: list[int] | None = None, slots=None,
+               batch_for=None) -> torch.Tensor:
+        """One decode step for the sequences (ids: their table numbers, default 0..B-1): the last token of each
+        is the input. With `ids`, rows go where the decode workspace assigns them (kept across steps), as the
+        runner does, and the batch is `batch_for(slots in row order)`; the logits come back in the order of
+        `seqs`."""
+        keep = ids is not None
+        ids = ids if keep else list(range(len(seqs)))
+        rows = self.m.workspace.assign(ids) if keep else list(range(len(seqs)))
+        order = sorted(range(len(seqs)), key=rows.__getitem__)
+        tokens = torch.tensor([seqs[j][-1] for j in order])
+        pos = torch.tensor([len(seqs[j]) - 1 for j in order])
+        tables = [self.table(ids[j], len(seqs[j])) for j in order]
+        if batch_for is not None:
+            batch = batch_for([slots[j] for j in order])
+        logits = self.m.decode(tokens, pos, padded_table(tables, self.m.device), batch, keep)
+        return logits[torch.tensor(rows)]
 
 
 def run_and_compare(adapted, ref_logits, batch_for, slots: list[int]) -> None:
@@ -65,14 +76,20 @@ def run_and_compare(adapted, ref_logits, batch_for, slots: list[int]) -> None:
         m.prefill([3], [seqs[3][:3]], [0], batch_for(slots[3:]))
         got = m.prefill([3], [seqs[3][3:]], [3], batch_for(slots[3:]))
         torch.testing.assert_close(got[0], ref_logits(3, seqs[3]), atol=ATOL, rtol=0)
+        live = [0, 1, 2, 3]
         for step in range(12):
-            for s in seqs:
-                s.append(int(torch.randint(3, 128, (1,), generator=g)))
-            got = m.decode(seqs, batch_for(slots), group="the same four")
-            for row, s in enumerate(seqs):
-                torch.testing.assert_close(got[row], ref_logits(row, s), atol=ATOL, rtol=0,
-                                           msg=f"row {row}, decode step {step}")
-    assert 1 < m.m.workspace.rebuilds < 12
+            if step == 5:
+                live = [0, 2, 3]  # one leaves: the top row moves into its hole
+            if step == 8:
+                live = [0, 1, 2, 3]  # and comes back (its blocks gathered into a free row)
+            for i in live:
+                seqs[i].append(int(torch.randint(3, 128, (1,), generator=g)))
+            got = m.decode([seqs[i] for i in live], ids=live, slots=[slots[i] for i in live], batch_for=batch_for)
+            for r, i in enumerate(live):
+                torch.testing.assert_close(got[r], ref_logits(i, seqs[i]), atol=ATOL, rtol=0,
+                                           msg=f"sequence {i}, decode step {step}")
+    ws = m.m.workspace
+    assert 1 < ws.rebuilds < 12 and ws.gathered_rows < 4 * ws.rebuilds + 2
 
 
 def test_chunks_with_context_in_one_batch_match_hf(tiny):
