@@ -152,31 +152,53 @@ class DecoderModel:
         return self.lm_head(normed).float()
 
     def decode(self, tokens: torch.Tensor, pos: torch.Tensor, table: torch.Tensor,
-               batch: AdapterBatch | None, assigned: bool = False) -> torch.Tensor:
+               batch: AdapterBatch | None, assigned: bool = False, n_ws: int | None = None) -> torch.Tensor:
         """tokens, pos: [B] each row's input token and its position; table: [B, nb] block tables covering
-        pos + 1 tokens (padded with the null block). `assigned`: the rows are in the order
-        `self.workspace.assign` gave for this step's sequences (their workspace rows are kept); else the
-        workspace is gathered afresh. Returns logits [B, V] (float32)."""
+        pos + 1 tokens (padded with the null block). Rows 0..n_ws-1 (default: all) attend through the decode
+        workspace — `assigned`: they are in the order `self.workspace.assign` gave for this step's sequences
+        (their workspace rows are kept), else it is gathered afresh; the rows after them (long contexts,
+        beyond DecodeWorkspace.MAX_LEN) gather their blocks in every layer. Returns logits [B, V] (float32)."""
         B = tokens.shape[0]
-        L = int(pos.max()) + 1
+        n_ws = B if n_ws is None else n_ws
         if not assigned:
             self.workspace.invalidate()
-        self.workspace.prepare(table, L)
+        short = _Rows(self, pos[:n_ws], table[:n_ws]) if n_ws else None
+        long = _Rows(self, pos[n_ws:], table[n_ws:], gather=True) if n_ws < B else None
+        if short is not None:
+            self.workspace.prepare(table[:n_ws], short.L)
         slots = self.slots(table, torch.arange(B, device=self.device), pos)
         cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]  # [B, 1, 1, hd]
-        # additive float mask, built once per step (a bool mask is converted by SDPA in every layer)
-        visible = torch.arange(L, device=self.device)[None] <= pos[:, None]  # [B, L]
-        mask = torch.zeros(B, 1, 1, L, dtype=self.dtype, device=self.device)
-        mask.masked_fill_(~visible[:, None, None], float("-inf"))  # [B, 1, 1, L]
 
         def attend(i: int, q, k, v):
             self.cache.write(i, slots, k[:, :, 0], v[:, :, 0])
-            self.workspace.write(i, pos, k[:, :, 0], v[:, :, 0])
-            kc, vc = self.workspace.read(i, B, L)  # [B, KV, L, hd]
-            return F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=self.scale, enable_gqa=True)
+            parts = []
+            if short is not None:
+                self.workspace.write(i, pos[:n_ws], k[:n_ws, :, 0], v[:n_ws, :, 0])
+                kc, vc = self.workspace.read(i, n_ws, short.L)  # [n_ws, KV, L, hd]
+                parts.append(short.attend(q[:n_ws], kc, vc))
+            if long is not None:
+                kc, vc = self.cache.gather(i, long.table)
+                parts.append(long.attend(q[n_ws:], kc, vc))
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
 
         h = self._layers(self.embed(tokens[:, None]), cos, sin, batch, attend)  # [B, 1, D]
         return self.lm_head(self.norm(h[:, 0])).float()
+
+
+class _Rows:
+    """Decode rows that attend together: their length L and additive mask [b, 1, 1, L], built once per step
+    (a bool mask is converted by SDPA in every layer)."""
+
+    def __init__(self, m: DecoderModel, pos: torch.Tensor, table: torch.Tensor, gather: bool = False):
+        self.m, self.table = m, table
+        self.L = table.shape[1] * m.block_size if gather else int(pos.max()) + 1
+        visible = torch.arange(self.L, device=m.device)[None] <= pos[:, None]  # [b, L]
+        self.mask = torch.zeros(pos.shape[0], 1, 1, self.L, dtype=m.dtype, device=m.device)
+        self.mask.masked_fill_(~visible[:, None, None], float("-inf"))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, scale=self.m.scale, enable_gqa=True)
+
 
 def _check_supported(cfg, max_len: int) -> None:
     if cfg.model_type not in SUPPORTED:

@@ -122,15 +122,20 @@ class ModelRunner:
         return logits
 
     def _decode(self, out: SchedulerOutput, rows: list[int]) -> torch.Tensor:
-        # the batch goes in the rows of the model's decode workspace: sequences that decoded in the last step
-        # keep theirs, so their K/V are not gathered from the blocks again
-        ws = self.model.workspace.assign([(out.seqs[j].request_id, out.seqs[j].arrival) for j in rows])
-        order = [rows[i] for i in sorted(range(len(rows)), key=ws.__getitem__)]  # by workspace row
+        # the rows go in the order of the model's decode workspace (sequences that decoded in the last step keep
+        # their rows, so their K/V are not gathered from the blocks again), long contexts after them
+        limit = self.model.workspace.MAX_LEN
+        short = [j for j in rows if out.positions[j] < limit]
+        ws = self.model.workspace.assign([(out.seqs[j].request_id, out.seqs[j].arrival) for j in short])
+        order = [short[i] for i in sorted(range(len(short)), key=ws.__getitem__)]
+        order += [j for j in rows if out.positions[j] >= limit]
         tokens = torch.tensor([out.token_ids[j][0] for j in order], dtype=torch.long, device=self.device)
         pos = torch.tensor([out.positions[j] for j in order], dtype=torch.long, device=self.device)
         table = padded_table([out.block_tables[j] for j in order], self.device)
-        logits = self.model.decode(tokens, pos, table, self.adapted.batch([out.slots[j] for j in order]), True)
-        return logits[torch.tensor(ws, device=self.device)]  # back to the order of `rows`
+        logits = self.model.decode(tokens, pos, table, self.adapted.batch([out.slots[j] for j in order]), True,
+                                   len(short))
+        where = {j: r for r, j in enumerate(order)}
+        return logits[torch.tensor([where[j] for j in rows], device=self.device)]  # back to the order of `rows`
 
     def _generator(self, seq) -> torch.Generator | None:
         if seq.params.seed is None or seq.params.temperature == 0:

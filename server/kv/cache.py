@@ -63,11 +63,13 @@ class DecodeWorkspace:
     existed. When the group changes, a sequence that stays keeps its row (rows above the new batch size move
     down into the holes, as the dense cache's compaction did), and only a new sequence's blocks are gathered
     into its row; everything is gathered again only when the workspace must grow. Layout per layer
-    [KV, rows, cap, hd] (a gather lands in it without a permute); its size follows the running sequences —
-    rows × their longest context — not max_batch_size × max_model_len.
+    [KV, rows, cap, hd] (a gather lands in it without a permute). It holds contexts up to MAX_LEN positions
+    only, so it never costs more than rows × MAX_LEN tokens of K/V: a longer sequence gathers its blocks in
+    every step instead, where attention over its long context costs more than the gather anyway.
     """
 
     SLACK = 64  # positions of room beyond the longest context when (re)built
+    MAX_LEN = 512  # longest context kept in the workspace
 
     def __init__(self, cache: PagedKVCache, max_len: int):
         self.cache, self.max_len = cache, max_len
@@ -118,7 +120,8 @@ class DecodeWorkspace:
 
     def _allocate(self, B: int, length: int) -> None:
         bs = self.cache.block_size
-        self.cap = min(-(-max(length + self.SLACK, length * 5 // 4) // bs) * bs, -(-self.max_len // bs) * bs)
+        limit = min(self.MAX_LEN, self.max_len)
+        self.cap = min(-(-max(length + self.SLACK, length * 5 // 4) // bs) * bs, -(-limit // bs) * bs)
         rows = max(B, 8)
         shape = (self.cache.k.shape[0], self.cache.n_kv, rows, self.cap, self.cache.head_dim)
         self.k = torch.empty(shape, dtype=self.cache.k.dtype, device=self.cache.device)

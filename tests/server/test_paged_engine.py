@@ -154,10 +154,13 @@ def test_chunked_prefill_gives_the_one_shot_tokens_and_prompt_logprobs(tiny, tmp
         assert [t for t, _ in a.top] == [t for t, _ in b.top]
 
 
-def test_mixed_batch_with_chunks_equals_alone(tiny, tmp_path):
-    """Every method in one running batch while long prompts are prefilled in chunks beside it."""
-    adapted, _, tokenizer = tiny
+@pytest.mark.parametrize("workspace_len", [512, 12])
+def test_mixed_batch_with_chunks_equals_alone(tiny, tmp_path, workspace_len):
+    """Every method in one running batch while long prompts are prefilled in chunks beside it; with a
+    12-position decode workspace, rows with longer contexts gather their blocks in every step beside it."""
+    adapted, reference, tokenizer = tiny
     eng, store = make_engine(adapted, tokenizer, tmp_path / "store", kv_block_size=BS, max_num_batched_tokens=12)
+    eng.runner.model.workspace.MAX_LEN = workspace_len
     ids = put_adapters(store, adapted, ["osora", "loraxs", "sorsa", "vera", "lora", None, "osora", None])
     ps = long_prompts(4, 6, seed=7) + long_prompts(4, 30, seed=8)
     reqs = [request(i, p, a, greedy(10)) for i, (p, a) in enumerate(zip(ps, ids))]
@@ -167,3 +170,5 @@ def test_mixed_batch_with_chunks_equals_alone(tiny, tmp_path):
     finally:
         eng.shutdown()
     assert together == alone
+    assert together == [greedy_reference(reference_for(eng, store, reference, adapted, a), p, 10)
+                        for p, a in zip(ps, ids)]
