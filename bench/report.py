@@ -1,5 +1,5 @@
 """Print the Markdown tables of docs/benchmarks.md from bench/results/*.json (so the tables are never
-typed by hand): `python bench/report.py [--dir bench/results/xeon] [mixed_adapters serve_load adapter_ops fleet]`."""
+typed by hand): `python bench/report.py [--dir bench/results/xeon] [mixed_adapters serve_load adapter_ops fleet engine]`."""
 
 from __future__ import annotations
 
@@ -72,7 +72,11 @@ def fleet(data: dict) -> str:
                  {"req/s": 2, "busiest replica's share": 2})
 
 
-RENDER = {"mixed_adapters": mixed, "serve_load": serve, "adapter_ops": ops, "fleet": fleet}
+def engine(data: dict) -> str:
+    return table(data["rows"], ["case", "a", "b", "ratio", "target"], {"ratio": 2})
+
+
+RENDER = {"mixed_adapters": mixed, "serve_load": serve, "adapter_ops": ops, "fleet": fleet, "engine": engine}
 
 
 def main(names: list[str], results_dir: Path = RESULTS_DIR) -> None:
