@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="model path (default: SmolLM2-135M-Instruct GGUF)")
     p.add_argument("--cache-dir", default=str(ROOT / ".cache" / "factors"), help="factor cache directory")
     p.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "svdserve-bench-fleet"))
+    p.add_argument("--routings", default="affinity,random", help="the 2-replica runs, in this order")
+    p.add_argument("--only-routing", action="store_true",
+                   help="skip the plain server and 1-replica rows (a re-measurement of the routing rows)")
     p.add_argument("--name", default=None)
     args = p.parse_args(argv)
     if args.quick:
@@ -217,6 +220,23 @@ def show(row: dict) -> None:
 def run(args, work: Path, store: Path) -> list[dict]:
     logs, rows = work / "logs", []
     sequence = zipf_sequence(args.adapters, args.requests, args.zipf_s)
+    if not args.only_routing:
+        rows += overhead_rows(args, store, logs, sequence)
+    else:  # the adapters go in through a plain server, as in the full run (no fleet replica starts warm)
+        with plain(args, store, logs) as url:
+            upload_adapters(url, args.adapters, args)
+    for routing in args.routings.split(","):
+        with fleet(args, store, logs, 2, 1, routing) as url:
+            load(url, args, base_body, 4 * args.clients)
+            row = affinity_row(url, args, sequence, f"fleet, 2 replicas, {routing} routing: {args.adapters} adapters")
+            show(row)
+            rows.append(row)
+    return rows
+
+
+def overhead_rows(args, store: Path, logs: Path, sequence: list[int]) -> list[dict]:
+    """The plain server (base model, and the adapter load) and the fleet of one replica (base model)."""
+    rows = []
     with plain(args, store, logs) as url:
         print(f"uploading {args.adapters} adapters", flush=True)
         upload_adapters(url, args.adapters, args)
@@ -237,12 +257,6 @@ def run(args, work: Path, store: Path) -> list[dict]:
         row = load(url, args, base_body, args.base_requests) | latency_probe(url, args.probes) | {"config": "fleet, 1 replica (2 CPUs): base model"}
         show(row)
         rows.append(row)
-    for routing in ("affinity", "random"):
-        with fleet(args, store, logs, 2, 1, routing) as url:
-            load(url, args, base_body, 4 * args.clients)
-            row = affinity_row(url, args, sequence, f"fleet, 2 replicas, {routing} routing: {args.adapters} adapters")
-            show(row)
-            rows.append(row)
     return rows
 
 
@@ -260,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     write_results(args.name, {"adapters": args.adapters, "requests": args.requests, "warmup": args.warmup,
                               "clients": args.clients,
                               "max_tokens": args.max_tokens, "zipf_s": args.zipf_s,
-                              "max_resident_adapters": args.max_resident_adapters,
+                              "max_resident_adapters": args.max_resident_adapters, "routings": args.routings,
                               "seconds": time.perf_counter() - t0, "rows": rows})
 
 
