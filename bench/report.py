@@ -109,7 +109,7 @@ def main(names: list[str], results_dir: Path = RESULTS_DIR) -> None:
             print(f"<!-- {path.name}: not measured -->\n")
             continue
         data = json.loads(path.read_text())
-        render = RENDER[name.removesuffix("_quick").removesuffix("_bf16").removesuffix("_fp32")]
+        render = RENDER[name.removesuffix("_quick").removesuffix("_bf16").removesuffix("_fp32").removesuffix("_rerun")]
         print(f"### {name}\n\n{header(data)}\n\n{render(data)}\n")
 
 
