@@ -27,7 +27,7 @@ from server.model_runner import ModelRunner
 from server.residency import Residency
 from server.scheduler import QueueFull, Scheduler, SchedulerOutput
 from server.sequence import ContextLengthExceeded, Detokenizer, PromptLogprob, SampledToken, SamplingParams, Sequence, Status
-from server.store import AdapterStore, qualified
+from server.store import AdapterStore, StoredAdapter, qualified
 
 __all__ = ["Engine", "GenerationFailed", "GenerationRequest", "QueueFull", "RequestOutput", "SamplingParams", "TokenLogprob"]
 log = logging.getLogger(__name__)
@@ -58,6 +58,8 @@ class GenerationRequest:
     adapter_id: str | None = None  # `tenant/id` (a plain id is the default tenant's); None = base model
     tenant: str = ""  # whose request: fair admission takes turns across tenants ("" = open mode)
     cache_salt: str | None = None  # isolates its prefix-cache blocks from every request without the same salt
+    stored: StoredAdapter | None = None  # the adapter as the caller resolved it (its version fixed) off the event
+    # loop — a cold download from object storage never blocks it; None: the engine looks `adapter_id` up
 
 
 @dataclass
@@ -241,7 +243,7 @@ class Engine:
             raise ValueError("temperature must be >= 0, top_p in (0, 1], logprobs >= 0")
         key = adapter = None
         if req.adapter_id is not None:
-            stored = self.store.get(req.adapter_id)  # the version is fixed here
+            stored = req.stored or self.store.get(req.adapter_id)  # the version is fixed here
             key, adapter = (stored.info.name, stored.version), stored.adapter
         matcher = None
         if p.grammar is not None:
