@@ -165,3 +165,19 @@ def test_the_fleet_profile_renders_replicas_on_one_database_and_one_bucket():
 
 def test_without_the_profile_only_the_single_server_runs():
     assert set(render(set(), {})["services"]) == {"server"}
+
+
+def test_the_gateway_routes_the_api_to_the_pool_and_management_to_the_service(k8s):
+    route = k8s[("HTTPRoute", "svdserve")]["spec"]
+    gateway = k8s[("Gateway", "svdserve")]
+    assert [p["name"] for p in route["parentRefs"]] == [gateway["metadata"]["name"]]
+    by_path = {m["path"]["value"]: rule["backendRefs"] for rule in route["rules"] for m in rule["matches"]}
+    (pool,) = by_path["/v1/"]
+    assert (pool["group"], pool["kind"]) == ("inference.networking.k8s.io", "InferencePool")
+    assert ("InferencePool", pool["name"]) in k8s
+    served = routes()
+    assert any(r.startswith("/v1/") for r in served) and any(r.startswith("/adapters/") for r in served)
+    for prefix in ("/adapters/", "/admin/"):
+        (svc,) = by_path[prefix]
+        assert any(r.startswith(prefix) for r in served), prefix
+        assert svc["port"] in [p["port"] for p in k8s[("Service", svc["name"])]["spec"]["ports"]]
