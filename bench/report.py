@@ -76,7 +76,27 @@ def engine(data: dict) -> str:
     return table(data["rows"], ["case", "a", "b", "ratio", "target"], {"ratio": 2})
 
 
-RENDER = {"mixed_adapters": mixed, "serve_load": serve, "adapter_ops": ops, "fleet": fleet, "engine": engine}
+def structured(data: dict) -> str:
+    rows = table(data["rows"], ["schemas", "constrained", "tok/s", "× unconstrained", "tokens/round", "rounds tok/s"],
+                 {"× unconstrained": 2})
+    return rows + "\n\n" + table(data["compile"], ["schema", "cold ms", "cached ms"], {"cold ms": 1, "cached ms": 3})
+
+
+def grammar_engines(data: dict) -> str:
+    mask = [r | {"fill + apply ms": r["fill_apply_ms_p50"], "fill ms": r["fill_ms_p50"], "apply ms": r["apply_ms_p50"],
+                 "accept µs/token": r["accept_us_per_token"]} for r in data["mask"]]
+    apply = [r | {"ms p50": r["ms_p50"], "first call ms": r.get("first_call_ms")} for r in data["apply"]]
+    cov = {e: sum(c[e]["compiles"] and c[e]["accepts_valid"] and c[e]["rejects_invalid"] for c in data["coverage"])
+           for e in ("xgrammar", "llguidance")}
+    return (table(mask, ["engine", "fill", "fill ms", "apply ms", "fill + apply ms", "accept µs/token"],
+                  {"fill ms": 2, "apply ms": 2, "fill + apply ms": 2, "accept µs/token": 1})
+            + "\n\n" + table(apply, ["apply", "ms p50", "first call ms"], {"ms p50": 2, "first call ms": 1})
+            + f"\n\nSchema coverage ({len(data['coverage'])} schemas): xgrammar {cov['xgrammar']}, llguidance "
+              f"{cov['llguidance']}. {data['recommendation_text']}")
+
+
+RENDER = {"mixed_adapters": mixed, "serve_load": serve, "adapter_ops": ops, "fleet": fleet, "engine": engine,
+          "structured": structured, "grammar_engines": grammar_engines}
 
 
 def main(names: list[str], results_dir: Path = RESULTS_DIR) -> None:
