@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from adapters.factors import compute_factors
+from adapters.file import BaseSpec
 from adapters.runtime import AdaptedModel
 from adapters.synthetic import random_adapter
+from tests.conftest import tiny_chat_model
 
 R_MAX = 16
 N_SLOTS = 8
@@ -27,6 +29,14 @@ def tiny(tiny_chat_base):
     """(AdaptedModel, reference HF model, tokenizer) on the suite's tiny random Llama."""
     adapted, reference = adapted_pair(tiny_chat_base)
     return adapted, reference, tiny_chat_base.tokenizer
+
+
+@pytest.fixture(scope="module")
+def model():
+    """(BaseSpec, factors) of the tiny random Llama: what the store tests validate adapters against."""
+    base = tiny_chat_model()
+    factors = compute_factors(base.targets, R_MAX, progress=False)
+    return BaseSpec(shapes=base.shapes(), r_max=R_MAX, fingerprint=base.fingerprint), factors
 
 
 def make_adapter(adapted: AdaptedModel, method: str, seed: int, rank: int = 8, strength: float = 0.5):

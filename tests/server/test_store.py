@@ -14,21 +14,10 @@ import types
 import pytest
 
 import server.store.local as store_mod  # the local backend: its hashing, parsing and writes
-from adapters.factors import compute_factors
-from adapters.file import AdapterFormatError, BaseSpec, parse_adapter
+from adapters.file import AdapterFormatError, parse_adapter
 from adapters.synthetic import random_adapter
 from server.store import (SIDECAR, AdapterNotFound, AdapterStore, StorageLimit, StorageQuotaExceeded, StoreFull,
                           StoreNotWritable, adapter_nbytes, check_writable)
-from tests.conftest import tiny_chat_model
-
-R_MAX = 16
-
-
-@pytest.fixture(scope="module")
-def model():
-    base = tiny_chat_model()
-    factors = compute_factors(base.targets, R_MAX, progress=False)
-    return BaseSpec(shapes=base.shapes(), r_max=R_MAX, fingerprint=base.fingerprint), factors
 
 
 @pytest.fixture

@@ -11,23 +11,14 @@ import threading
 
 import pytest
 
-from adapters.factors import compute_factors
 from adapters.file import AdapterFormatError, BaseSpec
 from adapters.synthetic import random_adapter
 from server.store import (AdapterNotFound, InvalidAdapterId, StorageLimit, StorageQuotaExceeded, StoreNotWritable,
                           StoreUnavailable, open_store)
 from server.store.s3 import S3Store
 from server.tenancy.database import Database, sqlite_url
-from tests.conftest import tiny_chat_model
 
 R_MAX = 16
-
-
-@pytest.fixture(scope="module")
-def model():
-    base = tiny_chat_model()
-    factors = compute_factors(base.targets, R_MAX, progress=False)
-    return BaseSpec(shapes=base.shapes(), r_max=R_MAX, fingerprint=base.fingerprint), factors
 
 
 def adapter_bytes(model, seed: int, rank: int = 4) -> bytes:
