@@ -4,13 +4,11 @@ that turns `<tool_call>` blocks into OpenAI tool calls (after the answer, or inc
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
-_BLOCK = re.compile(re.escape(OPEN) + r"(.*?)" + re.escape(CLOSE), re.S)
 # the xgrammar structural-tag builder whose output format is the `<tool_call>` JSON block above
 XGRAMMAR_FORMAT = "qwen_3"
 
@@ -51,16 +49,9 @@ def _call(body: str) -> ParsedCall | None:
 def parse_tool_calls(text: str) -> tuple[str | None, list[ParsedCall]]:
     """(content, calls) of a whole answer: the text outside well-formed `<tool_call>` blocks (None when only
     whitespace is left), and the calls in order. A block that does not parse stays in the content."""
-    calls, kept, pos = [], [], 0
-    for m in _BLOCK.finditer(text):
-        call = _call(m.group(1))
-        if call is None:
-            continue
-        kept.append(text[pos:m.start()])
-        calls.append(call)
-        pos = m.end()
-    kept.append(text[pos:])
-    content = "".join(kept) if calls else text
+    stream = ToolCallStream()
+    content, calls = stream.feed(text)
+    content += stream.finish()
     return (content.strip() or None) if calls else (content or None), calls
 
 
