@@ -99,8 +99,7 @@ async def one_round(engine, tok, frac: float, args, round_no: int, schemas: list
             p = SamplingParams(max_tokens=args.tokens, temperature=0.7, seed=i, grammar=g)
         else:
             p = SamplingParams(max_tokens=args.tokens, temperature=0.7, seed=i, ignore_eos=True)
-        reqs.append(GenerationRequest(request_id=f"b{round_no}-{frac}-{i}-{id(schemas)}", prompt_token_ids=prompt,
-                                      params=p))
+        reqs.append(GenerationRequest(request_id=f"b{round_no}-{frac}-{i}", prompt_token_ids=prompt, params=p))
 
     async def run(r):
         n = 0
