@@ -6,11 +6,13 @@ frequencies, LM head); attention, the cache and the layer loop are here. The ada
 called as `proj(x, batch)`, so each row's adapter reaches them explicitly.
 
 KV cache: a pool of blocks (server.kv.cache.PagedKVCache); each sequence reads and writes its own blocks
-through its block table. A step runs up to two groups of sequences, each one batched forward over all
-layers (the groups share nothing but the weights): the *decode* group, one token per sequence, attending
-over its gathered blocks with a per-row length mask; and the *prefill* group, right-padded prompt chunks
-that each continue a sequence's cached context (0 for a fresh prompt: then it attends over its own K/V
-only, with the causal mask, without reading the cache). Pad positions are never written to the cache.
+through its block table. A step has up to two groups of sequences: the *decode* group, one token per
+sequence, attending through the decode workspace (or its gathered blocks) with a per-row length mask; and
+the *prefill* group, prompt chunks that each continue a sequence's cached context (0 for a fresh prompt: then
+it attends over its own K/V only, with the causal mask, without reading the cache). A step with both runs
+them as ONE forward (`mixed`): every token is a row of the projections — the decode tokens, then the chunks'
+tokens back to back — and only attention splits by group, so a prompt chunk costs its rows in the step's
+matmuls rather than a second pass over every layer. Pad positions are never written to the cache.
 """
 
 from __future__ import annotations
@@ -120,31 +122,11 @@ class DecoderModel:
         Writes the chunks' K/V, returns logits [C, V] (float32) at each chunk's last token. `keep`, when
         given, receives for each of its keys (a row) the final normed hidden states [lens[row], D] (prompt
         logprobs: `logits_of` them in chunks, never a [T, V] tensor per prompt at once)."""
-        C, T = tokens.shape
-        pos = ctx[:, None] + torch.arange(T, device=self.device)[None]  # [C, T]
-        valid = (torch.arange(T, device=self.device)[None] < lens[:, None]).flatten().nonzero()[:, 0]  # real tokens
-        slots = self.slots(table, valid // T, pos.flatten()[valid])
-        pos = pos.clamp(max=self.max_len - 1)  # pad positions only
-        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [C, 1, T, hd]
-        fresh = not bool(ctx.any())
-        if not fresh:  # key j is visible to query t of row c when j <= its position
-            L = table.shape[1] * self.block_size
-            mask = torch.zeros(C, 1, T, L, dtype=self.dtype, device=self.device)
-            hidden = torch.arange(L, device=self.device)[None, None, None] > pos[:, None, :, None]  # [C, 1, T, L]
-            mask.masked_fill_(hidden, float("-inf"))
-
-        def attend(i: int, q, k, v):
-            flat = lambda x: x.transpose(1, 2).reshape(C * T, self.n_kv, self.head_dim).index_select(0, valid)  # noqa: E731
-            self.cache.write(i, slots, flat(k), flat(v))
-            if fresh:  # right padding + causal mask: a real token never sees a pad token
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
-            kc, vc = self.cache.gather(i, table)
-            return F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=self.scale, enable_gqa=True)
-
-        h = self._layers(self.embed(tokens), cos, sin, batch, attend)  # [C, T, D]
+        chunks = _Chunks(self, lens, ctx, table, tokens.shape[1])
+        h = self._layers(self.embed(tokens), chunks.cos, chunks.sin, batch, chunks.attend)  # [C, T, D]
         for j in keep or {}:
             keep[j] = self.norm(h[j, :int(lens[j])])  # [T_j, D]
-        h = h[torch.arange(C, device=h.device), lens - 1]  # [C, D]
+        h = h[torch.arange(len(lens), device=h.device), lens - 1]  # [C, D]
         return self.lm_head(self.norm(h)).float()
 
     def logits_of(self, normed: torch.Tensor) -> torch.Tensor:
@@ -158,31 +140,116 @@ class DecoderModel:
         workspace — `assigned`: they are in the order `self.workspace.assign` gave for this step's sequences
         (their workspace rows are kept), else it is gathered afresh; the rows after them (long contexts,
         beyond DecodeWorkspace.MAX_LEN) gather their blocks in every layer. Returns logits [B, V] (float32)."""
-        B = tokens.shape[0]
-        n_ws = B if n_ws is None else n_ws
-        if not assigned:
-            self.workspace.invalidate()
-        short = _Rows(self, pos[:n_ws], table[:n_ws]) if n_ws else None
-        long = _Rows(self, pos[n_ws:], table[n_ws:], gather=True) if n_ws < B else None
-        if short is not None:
-            self.workspace.prepare(table[:n_ws], short.L)
-        slots = self.slots(table, torch.arange(B, device=self.device), pos)
-        cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]  # [B, 1, 1, hd]
-
-        def attend(i: int, q, k, v):
-            self.cache.write(i, slots, k[:, :, 0], v[:, :, 0])
-            parts = []
-            if short is not None:
-                self.workspace.write(i, pos[:n_ws], k[:n_ws, :, 0], v[:n_ws, :, 0])
-                kc, vc = self.workspace.read(i, n_ws, short.L)  # [n_ws, KV, L, hd]
-                parts.append(short.attend(q[:n_ws], kc, vc))
-            if long is not None:
-                kc, vc = self.cache.gather(i, long.table)
-                parts.append(long.attend(q[n_ws:], kc, vc))
-            return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-        h = self._layers(self.embed(tokens[:, None]), cos, sin, batch, attend)  # [B, 1, D]
+        rows = _DecodeRows(self, pos, table, assigned, n_ws)
+        h = self._layers(self.embed(tokens[:, None]), rows.cos, rows.sin, batch, rows.attend)  # [B, 1, D]
         return self.lm_head(self.norm(h[:, 0])).float()
+
+    def mixed(self, tokens: torch.Tensor, pos: torch.Tensor, table: torch.Tensor, assigned: bool, n_ws: int,
+              chunk_tokens: torch.Tensor, lens: torch.Tensor, ctx: torch.Tensor, chunk_table: torch.Tensor,
+              batch: AdapterBatch | None, keep: dict[int, torch.Tensor] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode rows and prompt chunks in one forward (chunked prefill beside running streams). The first
+        five arguments are `decode`'s, the next four `prefill`'s; every token is one row of the projections:
+        the B decode tokens first, then the chunks' real tokens back to back (no padding), so `batch` has a
+        row (slot) per token, B + sum(lens). Attention runs per group as in `decode` and `prefill`. Returns
+        the decode rows' logits [B, V] and the chunks' last-token logits [C, V] (float32); `keep` as in
+        `prefill`."""
+        B = tokens.shape[0]
+        rows = _DecodeRows(self, pos, table, assigned, n_ws)
+        chunks = _Chunks(self, lens, ctx, chunk_table, chunk_tokens.shape[1])
+        flat = torch.cat([tokens, chunk_tokens.flatten().index_select(0, chunks.valid)])  # [N]
+        cos = torch.cat([rows.cos, chunks.packed(chunks.cos[:, 0, :, None, None])])  # [N, 1, 1, hd]
+        sin = torch.cat([rows.sin, chunks.packed(chunks.sin[:, 0, :, None, None])])
+
+        def attend(i: int, q, k, v):  # q: [N, H, 1, hd], k, v: [N, KV, 1, hd]
+            o = rows.attend(i, q[:B], k[:B], v[:B])
+            oc = chunks.attend(i, *(chunks.padded(x[B:]) for x in (q, k, v)))  # [C, H, T, hd]
+            return torch.cat([o, chunks.packed(oc.transpose(1, 2)).unsqueeze(2)])
+
+        h = self._layers(self.embed(flat[:, None]), cos, sin, batch, attend)[:, 0]  # [N, D]
+        starts = B + torch.cumsum(lens, 0) - lens  # each chunk's first row
+        for j in keep or {}:
+            s = int(starts[j])
+            keep[j] = self.norm(h[s:s + int(lens[j])])
+        last = torch.cat([torch.arange(B, device=self.device), starts + lens - 1])
+        logits = self.lm_head(self.norm(h.index_select(0, last))).float()
+        return logits[:B], logits[B:]
+
+
+class _DecodeRows:
+    """A step's decode rows (one token each): rotary rows, and attention through the decode workspace for rows
+    0..n_ws-1 (contexts up to its MAX_LEN) and through a per-layer block gather for the rows after them."""
+
+    def __init__(self, m: DecoderModel, pos: torch.Tensor, table: torch.Tensor, assigned: bool, n_ws: int | None):
+        B = pos.shape[0]
+        self.m, self.pos, self.n_ws = m, pos, B if n_ws is None else n_ws
+        n_ws = self.n_ws
+        if not assigned:
+            m.workspace.invalidate()
+        self.short = _Rows(m, pos[:n_ws], table[:n_ws]) if n_ws else None
+        self.long = _Rows(m, pos[n_ws:], table[n_ws:], gather=True) if n_ws < B else None
+        if self.short is not None:
+            m.workspace.prepare(table[:n_ws], self.short.L)
+        self.slots = m.slots(table, torch.arange(B, device=m.device), pos)
+        self.cos, self.sin = m.cos[pos][:, None, None], m.sin[pos][:, None, None]  # [B, 1, 1, hd]
+
+    def attend(self, i: int, q, k, v) -> torch.Tensor:
+        m, n_ws = self.m, self.n_ws
+        m.cache.write(i, self.slots, k[:, :, 0], v[:, :, 0])
+        parts = []
+        if self.short is not None:
+            m.workspace.write(i, self.pos[:n_ws], k[:n_ws, :, 0], v[:n_ws, :, 0])
+            kc, vc = m.workspace.read(i, n_ws, self.short.L)  # [n_ws, KV, L, hd]
+            parts.append(self.short.attend(q[:n_ws], kc, vc))
+        if self.long is not None:
+            kc, vc = m.cache.gather(i, self.long.table)
+            parts.append(self.long.attend(q[n_ws:], kc, vc))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+class _Chunks:
+    """A step's prompt chunks, right-padded to T: rotary rows, the K/V writes (real tokens only) and attention —
+    over the chunk's own K/V with the causal mask when every chunk starts a prompt, else over its blocks in the
+    cache with a position mask. `padded`/`packed` convert between [C, T] padding and the real tokens back to
+    back (the layout of `DecoderModel.mixed`)."""
+
+    def __init__(self, m: DecoderModel, lens: torch.Tensor, ctx: torch.Tensor, table: torch.Tensor, T: int):
+        self.m, self.table, self.C, self.T = m, table, lens.shape[0], T
+        C, dev = self.C, m.device
+        pos = ctx[:, None] + torch.arange(T, device=dev)[None]  # [C, T]
+        self.valid = (torch.arange(T, device=dev)[None] < lens[:, None]).flatten().nonzero()[:, 0]  # real tokens
+        self.dense = self.valid.shape[0] == C * T  # no padding: padded/packed are views
+        self.slots = m.slots(table, self.valid // T, pos.flatten()[self.valid])
+        pos = pos.clamp(max=m.max_len - 1)  # pad positions only
+        self.cos, self.sin = m.cos[pos][:, None], m.sin[pos][:, None]  # [C, 1, T, hd]
+        self.fresh = not bool(ctx.any())
+        if not self.fresh:  # key j is visible to query t of row c when j <= its position
+            L = table.shape[1] * m.block_size
+            self.mask = torch.zeros(C, 1, T, L, dtype=m.dtype, device=dev)
+            hidden = torch.arange(L, device=dev)[None, None, None] > pos[:, None, :, None]  # [C, 1, T, L]
+            self.mask.masked_fill_(hidden, float("-inf"))
+
+    def packed(self, x: torch.Tensor) -> torch.Tensor:
+        """[C, T, ...] -> [n real tokens, ...]."""
+        flat = x.reshape(self.C * self.T, *x.shape[2:])
+        return flat if self.dense else flat.index_select(0, self.valid)
+
+    def padded(self, x: torch.Tensor) -> torch.Tensor:
+        """[n, heads, 1, hd] packed rows -> [C, heads, T, hd] (pads are zeros)."""
+        x = x[:, :, 0]
+        if not self.dense:
+            full = x.new_zeros(self.C * self.T, *x.shape[1:])
+            x = full.index_copy_(0, self.valid, x)
+        return x.reshape(self.C, self.T, *x.shape[1:]).transpose(1, 2)
+
+    def attend(self, i: int, q, k, v) -> torch.Tensor:
+        m = self.m
+        flat = lambda x: self.packed(x.transpose(1, 2))  # noqa: E731  [n, KV, hd]
+        m.cache.write(i, self.slots, flat(k), flat(v))
+        if self.fresh:  # right padding + causal mask: a real token never sees a pad token
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=m.scale, enable_gqa=True)
+        kc, vc = m.cache.gather(i, self.table)
+        return F.scaled_dot_product_attention(q, kc, vc, attn_mask=self.mask, scale=m.scale, enable_gqa=True)
 
 
 class _Rows:

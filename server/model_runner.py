@@ -3,7 +3,8 @@
 It turns the scheduler's plain lists into tensors and AdapterBatches, brings the cache (blocks to zero) and
 the weights (merge state) to what the step needs, runs the forward and samples. A step's sequences split
 into the decode group (one token each, sampled) and the prefill group (prompt chunks; sampled when the
-chunk ends the prompt); each group is one batched forward (server.model). The runner owns the per-request
+chunk ends the prompt); a step with both runs them as one forward (`DecoderModel.mixed`: the adapter batch
+has a row per token), a step with one group that group's forward. The runner owns the per-request
 generators of seeded requests and the prompt logprobs of prompts being prefilled chunk by chunk, both
 dropped when the scheduler reports the request gone.
 """
@@ -70,11 +71,12 @@ class ModelRunner:
         decode = [j for j, ids in enumerate(out.token_ids) if len(ids) == 1 and out.sample[j]]
         chunks = [j for j in range(len(out.seqs)) if not (len(out.token_ids[j]) == 1 and out.sample[j])]
         logits: dict[int, torch.Tensor] = {}
-        if decode:
+        if decode and chunks:  # one forward: the chunks' tokens are rows beside the decode tokens
+            logits.update(self._mixed(out, decode, chunks))
+        elif decode:
             logits.update(zip(decode, self._decode(out, decode)))
         else:
             self.model.workspace.invalidate()
-        if chunks:
             logits.update(zip(chunks, self._prefill(out, chunks)))
         sampling = [j for j in range(len(out.seqs)) if out.sample[j]]
         results: list[SampledToken | None] = [None] * len(out.seqs)
@@ -100,6 +102,27 @@ class ModelRunner:
         return sampled
 
     def _prefill(self, out: SchedulerOutput, rows: list[int]) -> torch.Tensor:
+        args, keep = self._chunk_inputs(out, rows)
+        logits = self.model.prefill(*args, self.adapted.batch([out.slots[j] for j in rows]), keep)
+        self._keep_prompt_logprobs(out, rows, keep)
+        return logits
+
+    def _decode(self, out: SchedulerOutput, rows: list[int]) -> torch.Tensor:
+        order, args = self._decode_inputs(out, rows)
+        logits = self.model.decode(*args[:3], self.adapted.batch([out.slots[j] for j in order]), *args[3:])
+        return _reorder(logits, order, rows)
+
+    def _mixed(self, out: SchedulerOutput, decode: list[int], chunks: list[int]) -> dict[int, torch.Tensor]:
+        order, dargs = self._decode_inputs(out, decode)
+        cargs, keep = self._chunk_inputs(out, chunks)
+        slots = [out.slots[j] for j in order] + [out.slots[j] for j in chunks for _ in out.token_ids[j]]
+        dl, cl = self.model.mixed(*dargs, *cargs, self.adapted.batch(slots), keep)
+        self._keep_prompt_logprobs(out, chunks, keep)
+        return {**dict(zip(decode, _reorder(dl, order, decode))), **dict(zip(chunks, cl))}
+
+    def _chunk_inputs(self, out: SchedulerOutput, rows: list[int]) -> tuple[tuple, dict[int, None]]:
+        """The prefill group's (tokens [C, T] right-padded, lens, ctx, block tables) and the rows whose hidden
+        states are kept for prompt logprobs."""
         ids = [out.token_ids[j] for j in rows]
         lens = [len(t) for t in ids]
         T = max(lens)
@@ -111,19 +134,21 @@ class ModelRunner:
                 keep[c] = None
                 if out.positions[j] == 0:  # first chunk (or a recompute from scratch)
                     self.prompt_lps[seq.request_id] = [None]
-        logits = self.model.prefill(tokens, torch.tensor(lens, device=self.device),
-                                    torch.tensor([out.positions[j] for j in rows], device=self.device),
-                                    padded_table([out.block_tables[j] for j in rows], self.device),
-                                    self.adapted.batch([out.slots[j] for j in rows]), keep)
+        args = (tokens, torch.tensor(lens, device=self.device),
+                torch.tensor([out.positions[j] for j in rows], device=self.device),
+                padded_table([out.block_tables[j] for j in rows], self.device))
+        return args, keep
+
+    def _keep_prompt_logprobs(self, out: SchedulerOutput, rows: list[int], keep: dict[int, torch.Tensor]) -> None:
         for c, hidden in keep.items():
             seq = out.seqs[rows[c]]
             self.prompt_lps[seq.request_id] += prompt_logprobs(
                 self.model.logits_of, hidden, seq.prompt_ids, out.positions[rows[c]], seq.params.prompt_logprobs)
-        return logits
 
-    def _decode(self, out: SchedulerOutput, rows: list[int]) -> torch.Tensor:
-        # the rows go in the order of the model's decode workspace (sequences that decoded in the last step keep
-        # their rows, so their K/V are not gathered from the blocks again), long contexts after them
+    def _decode_inputs(self, out: SchedulerOutput, rows: list[int]) -> tuple[list[int], tuple]:
+        """The decode group's row order and (tokens, pos, table, assigned, n_ws) for DecoderModel.decode: the
+        rows go in the order of the model's decode workspace (sequences that decoded in the last step keep
+        their rows, so their K/V are not gathered from the blocks again), long contexts after them."""
         limit = self.model.workspace.MAX_LEN
         short = [j for j in rows if out.positions[j] < limit]
         ws = self.model.workspace.assign([(out.seqs[j].request_id, out.seqs[j].arrival) for j in short])
@@ -132,10 +157,7 @@ class ModelRunner:
         tokens = torch.tensor([out.token_ids[j][0] for j in order], dtype=torch.long, device=self.device)
         pos = torch.tensor([out.positions[j] for j in order], dtype=torch.long, device=self.device)
         table = padded_table([out.block_tables[j] for j in order], self.device)
-        logits = self.model.decode(tokens, pos, table, self.adapted.batch([out.slots[j] for j in order]), True,
-                                   len(short))
-        where = {j: r for r, j in enumerate(order)}
-        return logits[torch.tensor([where[j] for j in rows], device=self.device)]  # back to the order of `rows`
+        return order, (tokens, pos, table, True, len(short))
 
     def _generator(self, seq) -> torch.Generator | None:
         if seq.params.seed is None or seq.params.temperature == 0:
@@ -143,3 +165,9 @@ class ModelRunner:
         if seq.request_id not in self.generators:
             self.generators[seq.request_id] = self.sampler.generator(seq.params.seed)
         return self.generators[seq.request_id]
+
+
+def _reorder(logits: torch.Tensor, order: list[int], rows: list[int]) -> torch.Tensor:
+    """Logits of the rows in `order` back to the order of `rows`."""
+    where = {j: r for r, j in enumerate(order)}
+    return logits[torch.tensor([where[j] for j in rows], device=logits.device)]

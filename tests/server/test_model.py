@@ -143,3 +143,42 @@ def test_rejects_unsupported_configs(tiny):
     cfg.model_type = "gpt2"
     with pytest.raises(ValueError, match="not supported"):
         DecoderModel(adapted.model, num_blocks=8, block_size=BS, max_len=16)
+
+
+@pytest.mark.parametrize("slots", [[0, 0, 0, 0], [1, 2, 0, 3]], ids=["base", "adapters"])
+def test_decode_rows_and_chunks_in_one_forward_match_hf(tiny, slots):
+    """`mixed`: two decoding sequences and two prompt chunks (a fresh one and one continuing its cached
+    context, different lengths) in one forward, each token a row with its sequence's adapter: every row's
+    logits equal the full forward's, and the kept hidden states give each chunk's per-position logits."""
+    adapted, _, _ = tiny
+    for slot, (method, seed) in enumerate([("osora", 1), ("vera", 2), ("lora", 3)], start=1):
+        adapted.load(slot, make_adapter(adapted, method, seed))
+
+    def ref(row, ids):
+        with torch.inference_mode(), adapted.use(adapted.batch([slots[row]])):
+            return adapted.model(torch.tensor([ids])).logits[0]
+
+    m = Paged(adapted)
+    g = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(3, 128, (n,), generator=g).tolist() for n in (6, 9, 7, 10)]
+    with torch.inference_mode():
+        m.prefill([0, 1], [seqs[0][:-1], seqs[1][:-1]], [0, 0], adapted.batch(slots[:2]))
+        m.prefill([3], [seqs[3][:5]], [0], adapted.batch(slots[3:]))
+        dec = [seqs[0], seqs[1]]  # decode their last tokens; sequence 2 starts, sequence 3 continues
+        tokens = torch.tensor([s[-1] for s in dec])
+        pos = torch.tensor([len(s) - 1 for s in dec])
+        table = padded_table([m.table(i, len(s)) for i, s in enumerate(dec)], m.m.device)
+        chunks, ctx = [seqs[2], seqs[3][5:]], [0, 5]
+        T = max(len(c) for c in chunks)
+        ctok = torch.tensor([c + [0] * (T - len(c)) for c in chunks])
+        ctable = padded_table([m.table(2, 7), m.table(3, 10)], m.m.device)
+        rows = slots[:2] + [slots[2]] * 7 + [slots[3]] * 5  # a row per token
+        keep = {0: None, 1: None}
+        dl, cl = m.m.mixed(tokens, pos, table, False, 2, ctok, torch.tensor([7, 5]), torch.tensor(ctx), ctable,
+                           adapted.batch(rows), keep)
+    for r in range(2):
+        torch.testing.assert_close(dl[r], ref(r, seqs[r])[-1], atol=ATOL, rtol=0)
+    for c, i in enumerate((2, 3)):
+        full = ref(i, seqs[i])
+        torch.testing.assert_close(cl[c], full[-1], atol=ATOL, rtol=0)
+        torch.testing.assert_close(m.m.logits_of(keep[c]), full[ctx[c]:], atol=ATOL, rtol=0)
