@@ -1,6 +1,8 @@
 """The cost of adapter operations: upload (store put: parse, validate, atomic write), cold load (store →
 resident → first token, through the engine), eviction, merge and restore, bytes per adapter on disk and
-resident, and how many adapters fit resident in a given memory.
+resident, how many adapters fit resident in a given memory, and cold loads under load: the TTFT of requests
+naming one of 1,000 adapters cycling through 64 slots while other streams decode, against requests on resident
+adapters, and those streams' inter-token latency meanwhile.
 
     python bench/adapter_ops.py              # OSoRA, LoRA-XS, VeRA, LoRA, SORSA at r=16 and r=64
     python bench/adapter_ops.py --quick      # r=16 only, fewer repetitions (< 2 min)
@@ -19,7 +21,7 @@ import uuid
 
 import torch
 
-from common import table, write_results
+from common import percentile, table, write_results
 
 METHODS = ["osora", "loraxs", "vera", "lora", "sorsa"]
 
@@ -34,10 +36,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ranks", default="16,64")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--memory-gb", type=float, default=1.0, help="device memory set aside for resident adapters")
+    p.add_argument("--streams", type=int, default=16, help="cold loads under load: long streams decoding")
+    p.add_argument("--arrivals", type=int, default=4, help="cold loads under load: clients sending short requests")
+    p.add_argument("--cycle-adapters", type=int, default=1000, help="cold loads under load: stored adapters cycled")
+    p.add_argument("--slots", type=int, default=64, help="cold loads under load: resident adapter slots")
+    p.add_argument("--long-tokens", type=int, default=32, help="tokens per long-stream request")
+    p.add_argument("--phase-seconds", type=float, default=30.0, help="length of the warm and of the cold phase")
     p.add_argument("--name", default=None)
     args = p.parse_args(argv)
     if args.quick:
-        args.ranks, args.repeats = "16", 2
+        args.ranks, args.repeats, args.phase_seconds = "16", 2, 12.0
     args.name = args.name or ("adapter_ops_quick" if args.quick else "adapter_ops")
     return args
 
@@ -168,13 +176,112 @@ def cold_load(adapted, store, args) -> list[dict]:
         print(f"  engine: {stats['adapter_loads_total']} loads, {stats['adapter_evictions_total']} evictions")
 
 
+# ---- cold loads under load ------------------------------------------------------------------------
+def cold_under_load(adapted, store, args) -> list[dict]:
+    """Cold-load cost while the engine is busy: `--streams` long streams decode on resident adapters while
+    `--arrivals` short-request clients (closed loops) keep arriving. Two phases: their requests name one of a
+    few resident adapters (warm), then the next of `--cycle-adapters` stored adapters in turn, none resident
+    (cold: the route's resolve in a worker thread — parse on a parsed-cache miss — then a slot load and an
+    LRU eviction in the engine). Prefix caching is off, so no phase reuses another's prompt K/V."""
+    from adapters.synthetic import random_adapter
+    from server.config import EngineConfig
+    from server.engine import Engine
+
+    make = lambda name, seed: store.put(name, random_adapter(  # noqa: E731
+        "osora", adapted.spec, adapted.factors, 16, seed=seed).to_bytes())
+    t0 = time.perf_counter()
+    for i in range(args.cycle_adapters):
+        make(f"cyc{i}", 10_000 + i)
+    for i in range(args.streams):
+        make(f"long{i}", 20_000 + i)
+    for i in range(WARM_ADAPTERS):
+        make(f"warm{i}", 30_000 + i)
+    print(f"  stored {args.cycle_adapters + args.streams + WARM_ADAPTERS} adapters in "
+          f"{time.perf_counter() - t0:.1f} s", flush=True)
+    slots = min(args.slots, adapted.n_slots - 1)
+    cfg = EngineConfig(max_batch_size=args.streams + args.arrivals, max_model_len=256, max_queue=256,
+                       max_resident_adapters=slots, merge_policy="never", prefix_caching=False)
+    engine = Engine(cfg, adapted, adapted.base.tokenizer, store)
+    engine.start()
+    prompt = adapted.base.tokenizer.encode("Write a short story about a lighthouse keeper and the sea.")
+    cycle = (f"cyc{i % args.cycle_adapters}" for i in range(10**9))
+    warm = (f"warm{i % WARM_ADAPTERS}" for i in range(10**9))
+    try:
+        asyncio.run(_warm_up(engine, prompt, args))
+        rows = []
+        for case, names in (("warm", warm), ("cold", cycle)):
+            before, loads0 = engine.stats(), store.counters.loads
+            r = asyncio.run(_load_phase(engine, prompt, names, args))
+            after = engine.stats()
+            r.update(case=case, slot_loads=after["adapter_loads_total"] - before["adapter_loads_total"],
+                     evictions=after["adapter_evictions_total"] - before["adapter_evictions_total"],
+                     parses=store.counters.loads - loads0)
+            rows.append(r)
+            print(f"  {case}: {r}", flush=True)
+        return rows
+    finally:
+        engine.shutdown()
+
+
+WARM_ADAPTERS = 8
+
+
+async def _request(engine, prompt: list[int], adapter: str, max_tokens: int, rid: str) -> tuple[float, list[float]]:
+    """One request through the route's path (server.api.generation: resolve in a worker thread, submit,
+    stream); returns (TTFT s, gaps between outputs s)."""
+    from server.api import generation
+    from server.engine import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    t0 = time.perf_counter()
+    runs = await generation.start(engine, [prompt], params, f"default/{adapter}", 1, rid)
+    times = []
+    async for out in generation.outputs(runs[0]):
+        if out.token_ids:
+            times.append(time.perf_counter())
+    return times[0] - t0, [b - a for a, b in zip(times, times[1:])]
+
+
+async def _warm_up(engine, prompt: list[int], args) -> None:
+    """Every long stream's and warm adapter's first request (loads them), and the kernels' first shapes."""
+    names = [f"long{i}" for i in range(args.streams)] + [f"warm{i}" for i in range(WARM_ADAPTERS)]
+    await asyncio.gather(*(_request(engine, prompt, n, 4, uuid.uuid4().hex) for n in names))
+
+
+async def _load_phase(engine, prompt: list[int], names, args) -> dict:
+    """Long streams run `--phase-seconds`; arrival clients send requests naming `names` meanwhile."""
+    gaps, ttfts, tokens, done = [], [], [], asyncio.Event()
+    deadline = time.perf_counter() + args.phase_seconds
+
+    async def long_stream(i: int) -> None:
+        while time.perf_counter() < deadline:
+            g = (await _request(engine, prompt, f"long{i}", args.long_tokens, uuid.uuid4().hex))[1]
+            gaps.extend(g)
+            tokens.append(len(g) + 1)
+
+    async def arrivals() -> None:
+        while not done.is_set():
+            ttfts.append((await _request(engine, prompt, next(names), 2, uuid.uuid4().hex))[0])
+
+    clients = [asyncio.ensure_future(arrivals()) for _ in range(args.arrivals)]
+    t0 = time.perf_counter()
+    await asyncio.gather(*(long_stream(i) for i in range(args.streams)))
+    done.set()
+    await asyncio.gather(*clients)
+    ms = lambda v: None if v is None else 1000 * v  # noqa: E731
+    return {"requests": len(ttfts), "seconds": time.perf_counter() - t0,
+            "ttft_p50_ms": ms(percentile(ttfts, 50)), "ttft_p99_ms": ms(percentile(ttfts, 99)),
+            "itl_p50_ms": ms(percentile(gaps, 50)), "itl_p99_ms": ms(percentile(gaps, 99)),
+            "stream_tok_s": sum(tokens) / (time.perf_counter() - t0)}
+
+
 def main(argv: list[str] | None = None) -> None:
     from adapters.runtime import load_adapted_model
     from server.store import AdapterStore
 
     args = parse_args(argv)
     t_start = time.perf_counter()
-    adapted = load_adapted_model(args.model, r_max=64, cache_dir=args.cache_dir, n_slots=3,
+    adapted = load_adapted_model(args.model, r_max=64, cache_dir=args.cache_dir, n_slots=args.slots + 1,
                                  dtype=getattr(torch, args.dtype), progress=False)
     rows = []
     with tempfile.TemporaryDirectory(prefix="svdserve-ops-") as root:
@@ -185,13 +292,23 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"  {method} r={rank}: {rows[-1]}", flush=True)
         adapted.unload(1)
         cold = cold_load(adapted, store, args)
+        busy = cold_under_load(adapted, store, args)
     print()
     print(table(rows, ["method", "rank", "file_bytes", "resident_bytes", "fit_in_memory", "put_ms", "get_ms",
                        "load_ms", "unload_ms", "merge_ms", "restore_ms", "restore_bit_exact"]))
     print()
     print(table(cold, ["case", "ttft_ms"]))
+    print(f"\nunder load: {args.streams} streams of {args.long_tokens} tokens on resident adapters, {args.arrivals} "
+          f"clients sending 2-token requests on warm adapters, then on {args.cycle_adapters} adapters cycling "
+          f"through {args.slots} slots")
+    print(table(busy, ["case", "requests", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "stream_tok_s",
+                       "slot_loads", "evictions", "parses"]))
     write_results(args.name, {"dtype": args.dtype, "memory_gb": args.memory_gb, "repeats": args.repeats,
-                              "seconds": time.perf_counter() - t_start, "methods": rows, "cold_load": cold})
+                              "seconds": time.perf_counter() - t_start, "methods": rows, "cold_load": cold,
+                              "under_load": {"streams": args.streams, "arrivals": args.arrivals,
+                                             "cycle_adapters": args.cycle_adapters, "slots": args.slots,
+                                             "long_tokens": args.long_tokens, "phase_seconds": args.phase_seconds,
+                                             "rows": busy}})
 
 
 if __name__ == "__main__":
