@@ -115,19 +115,16 @@ class DecoderModel:
         bs = self.block_size
         return table[rows, pos // bs] * bs + pos % bs
 
-    def prefill(self, tokens: torch.Tensor, lens: torch.Tensor, ctx: torch.Tensor, table: torch.Tensor,
-                batch: AdapterBatch | None, keep: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
-        """tokens: [C, T] right-padded prompt chunks; lens: [C] their lengths; ctx: [C] tokens of each row
-        already in the cache (the chunk's first position); table: [C, nb] block tables covering ctx + lens.
-        Writes the chunks' K/V, returns logits [C, V] (float32) at each chunk's last token. `keep`, when
-        given, receives for each of its keys (a row) the final normed hidden states [lens[row], D] (prompt
-        logprobs: `logits_of` them in chunks, never a [T, V] tensor per prompt at once)."""
-        chunks = _Chunks(self, lens, ctx, table, tokens.shape[1])
-        h = self._layers(self.embed(tokens), chunks.cos, chunks.sin, batch, chunks.attend)  # [C, T, D]
-        for j in keep or {}:
-            keep[j] = self.norm(h[j, :int(lens[j])])  # [T_j, D]
-        h = h[torch.arange(len(lens), device=h.device), lens - 1]  # [C, D]
-        return self.lm_head(self.norm(h)).float()
+    def prefill(self, chunks: list[list[int]], ctx: list[int], tables: list[list[int]], batch: AdapterBatch | None,
+                keep: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """chunks: each sequence's prompt chunk (token ids); ctx: each one's tokens already in the cache (the
+        chunk's first position); tables: each one's block table, covering ctx + its chunk. The chunks' tokens
+        are the rows of the projections back to back (no padding): `batch` has a row per token. Writes the
+        chunks' K/V, returns logits [C, V] (float32) at each chunk's last token. `keep`, when given, receives
+        for each of its keys (a chunk) its final normed hidden states [len, D] (prompt logprobs: `logits_of`
+        them in chunks, never a [T, V] tensor per prompt at once)."""
+        group = _Chunks(self, chunks, ctx, tables)
+        return self._forward(group.tokens, group.cos, group.sin, group.attend, batch, group.last(0), keep, group, 0)
 
     def logits_of(self, normed: torch.Tensor) -> torch.Tensor:
         """[T, D] normed hidden states -> [T, V] float32 logits."""
@@ -141,39 +138,39 @@ class DecoderModel:
         (their workspace rows are kept), else it is gathered afresh; the rows after them (long contexts,
         beyond DecodeWorkspace.MAX_LEN) gather their blocks in every layer. Returns logits [B, V] (float32)."""
         rows = _DecodeRows(self, pos, table, assigned, n_ws)
-        h = self._layers(self.embed(tokens[:, None]), rows.cos, rows.sin, batch, rows.attend)  # [B, 1, D]
-        return self.lm_head(self.norm(h[:, 0])).float()
+        return self._forward(tokens, rows.cos, rows.sin, rows.attend, batch, None)
 
     def mixed(self, tokens: torch.Tensor, pos: torch.Tensor, table: torch.Tensor, assigned: bool, n_ws: int,
-              chunk_tokens: torch.Tensor, lens: torch.Tensor, ctx: torch.Tensor, chunk_table: torch.Tensor,
-              batch: AdapterBatch | None, keep: dict[int, torch.Tensor] | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decode rows and prompt chunks in one forward (chunked prefill beside running streams). The first
-        five arguments are `decode`'s, the next four `prefill`'s; every token is one row of the projections:
-        the B decode tokens first, then the chunks' real tokens back to back (no padding), so `batch` has a
-        row (slot) per token, B + sum(lens). Attention runs per group as in `decode` and `prefill`. Returns
-        the decode rows' logits [B, V] and the chunks' last-token logits [C, V] (float32); `keep` as in
-        `prefill`."""
+              chunks: list[list[int]], ctx: list[int], tables: list[list[int]], batch: AdapterBatch | None,
+              keep: dict[int, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode rows and prompt chunks in one forward (chunked prefill beside running streams): the first
+        five arguments are `decode`'s, the next three `prefill`'s; the rows of the projections are the B
+        decode tokens, then the chunks' tokens back to back, so `batch` has B + Σ len(chunk) rows. Attention
+        runs per group as in `decode` and `prefill`. Returns the decode rows' logits [B, V] and the chunks'
+        last-token logits [C, V] (float32); `keep` as in `prefill`."""
         B = tokens.shape[0]
-        rows = _DecodeRows(self, pos, table, assigned, n_ws)
-        chunks = _Chunks(self, lens, ctx, chunk_table, chunk_tokens.shape[1])
-        flat = torch.cat([tokens, chunk_tokens.flatten().index_select(0, chunks.valid)])  # [N]
-        cos = torch.cat([rows.cos, chunks.packed(chunks.cos[:, 0, :, None, None])])  # [N, 1, 1, hd]
-        sin = torch.cat([rows.sin, chunks.packed(chunks.sin[:, 0, :, None, None])])
+        rows, group = _DecodeRows(self, pos, table, assigned, n_ws), _Chunks(self, chunks, ctx, tables)
 
         def attend(i: int, q, k, v):  # q: [N, H, 1, hd], k, v: [N, KV, 1, hd]
-            o = rows.attend(i, q[:B], k[:B], v[:B])
-            oc = chunks.attend(i, *(chunks.padded(x[B:]) for x in (q, k, v)))  # [C, H, T, hd]
-            return torch.cat([o, chunks.packed(oc.transpose(1, 2)).unsqueeze(2)])
+            return torch.cat([rows.attend(i, q[:B], k[:B], v[:B]), group.attend(i, q[B:], k[B:], v[B:])])
 
-        h = self._layers(self.embed(flat[:, None]), cos, sin, batch, attend)[:, 0]  # [N, D]
-        starts = B + torch.cumsum(lens, 0) - lens  # each chunk's first row
-        for j in keep or {}:
-            s = int(starts[j])
-            keep[j] = self.norm(h[s:s + int(lens[j])])
-        last = torch.cat([torch.arange(B, device=self.device), starts + lens - 1])
-        logits = self.lm_head(self.norm(h.index_select(0, last))).float()
+        logits = self._forward(torch.cat([tokens, group.tokens]), torch.cat([rows.cos, group.cos]),
+                               torch.cat([rows.sin, group.sin]), attend, batch,
+                               torch.cat([torch.arange(B, device=self.device), group.last(B)]), keep, group, B)
         return logits[:B], logits[B:]
+
+    def _forward(self, tokens: torch.Tensor, cos, sin, attend, batch: AdapterBatch | None,
+                 last: torch.Tensor | None, keep: dict[int, torch.Tensor] | None = None,
+                 group: _Chunks | None = None, offset: int = 0) -> torch.Tensor:
+        """tokens: [N] one per row; the logits [len(last), V] of rows `last` (None: every row); the kept
+        chunks' normed hidden states (rows offset + group.starts[j] ...) into `keep`."""
+        h = self._layers(self.embed(tokens[:, None]), cos, sin, batch, attend)[:, 0]  # [N, D]
+        for j in keep or {}:
+            s = offset + group.starts[j]
+            keep[j] = self.norm(h[s:s + group.lens[j]])
+        if last is not None:
+            h = h.index_select(0, last)
+        return self.lm_head(self.norm(h)).float()
 
 
 class _DecodeRows:
@@ -208,48 +205,77 @@ class _DecodeRows:
 
 
 class _Chunks:
-    """A step's prompt chunks, right-padded to T: rotary rows, the K/V writes (real tokens only) and attention —
-    over the chunk's own K/V with the causal mask when every chunk starts a prompt, else over its blocks in the
-    cache with a position mask. `padded`/`packed` convert between [C, T] padding and the real tokens back to
-    back (the layout of `DecoderModel.mixed`)."""
+    """A step's prompt chunks as rows back to back: their tokens, rotary rows and cache positions, and attention.
 
-    def __init__(self, m: DecoderModel, lens: torch.Tensor, ctx: torch.Tensor, table: torch.Tensor, T: int):
-        self.m, self.table, self.C, self.T = m, table, lens.shape[0], T
-        C, dev = self.C, m.device
-        pos = ctx[:, None] + torch.arange(T, device=dev)[None]  # [C, T]
-        self.valid = (torch.arange(T, device=dev)[None] < lens[:, None]).flatten().nonzero()[:, 0]  # real tokens
-        self.dense = self.valid.shape[0] == C * T  # no padding: padded/packed are views
-        self.slots = m.slots(table, self.valid // T, pos.flatten()[self.valid])
-        pos = pos.clamp(max=m.max_len - 1)  # pad positions only
-        self.cos, self.sin = m.cos[pos][:, None], m.sin[pos][:, None]  # [C, 1, T, hd]
-        self.fresh = not bool(ctx.any())
-        if not self.fresh:  # key j is visible to query t of row c when j <= its position
-            L = table.shape[1] * m.block_size
-            self.mask = torch.zeros(C, 1, T, L, dtype=m.dtype, device=dev)
-            hidden = torch.arange(L, device=dev)[None, None, None] > pos[:, None, :, None]  # [C, 1, T, L]
-            self.mask.masked_fill_(hidden, float("-inf"))
+    A chunk that starts its prompt (context 0) attends over its own K/V with the causal mask; several such
+    chunks attend together, right-padded to the longest (pads are copies of real rows, never written to the
+    cache, and never seen by a real query). A chunk that continues a cached context attends over its blocks
+    in the cache (after this step's K/V are written) with a position mask, alone: it never makes the fresh
+    chunks read the cache, nor pads to another chunk's length."""
 
-    def packed(self, x: torch.Tensor) -> torch.Tensor:
-        """[C, T, ...] -> [n real tokens, ...]."""
-        flat = x.reshape(self.C * self.T, *x.shape[2:])
-        return flat if self.dense else flat.index_select(0, self.valid)
+    def __init__(self, m: DecoderModel, chunks: list[list[int]], ctx: list[int], tables: list[list[int]]):
+        dev, bs = m.device, m.block_size
+        self.m, self.lens = m, [len(c) for c in chunks]
+        self.starts = [sum(self.lens[:j]) for j in range(len(chunks))]
+        self.tokens = torch.tensor([t for c in chunks for t in c], dtype=torch.long, device=dev)
+        pos = [p for c, n in zip(ctx, self.lens) for p in range(c, c + n)]
+        self.slots = torch.tensor([tables[j][p // bs] * bs + p % bs for j, (c, n) in enumerate(zip(ctx, self.lens))
+                                   for p in range(c, c + n)], dtype=torch.long, device=dev)
+        pos_t = torch.tensor(pos, dtype=torch.long, device=dev)
+        self.cos, self.sin = m.cos[pos_t][:, None, None], m.sin[pos_t][:, None, None]  # [n, 1, 1, hd]
+        fresh = [j for j, c in enumerate(ctx) if c == 0]
+        self.alone: list[tuple[int, int, torch.Tensor | None, torch.Tensor | None]] = []  # (start, end, table, mask)
+        for j, c in enumerate(ctx):
+            if c > 0 or len(fresh) == 1 and j == fresh[0]:
+                self.alone.append((self.starts[j], self.starts[j] + self.lens[j], *self._cached(tables[j], c, j)))
+        self.padded = self._padding(fresh) if len(fresh) > 1 else None
 
-    def padded(self, x: torch.Tensor) -> torch.Tensor:
-        """[n, heads, 1, hd] packed rows -> [C, heads, T, hd] (pads are zeros)."""
-        x = x[:, :, 0]
-        if not self.dense:
-            full = x.new_zeros(self.C * self.T, *x.shape[1:])
-            x = full.index_copy_(0, self.valid, x)
-        return x.reshape(self.C, self.T, *x.shape[1:]).transpose(1, 2)
+    def _cached(self, table: list[int], c: int, j: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """A continuing chunk's block table [1, nb] and mask [1, 1, len, L] (key p is visible to the chunk's
+        t-th query when p <= c + t); (None, None) for a fresh one."""
+        if c == 0:
+            return None, None
+        m, n = self.m, self.lens[j]
+        L = len(table) * m.block_size
+        hidden = torch.arange(L, device=m.device)[None] > (c + torch.arange(n, device=m.device))[:, None]
+        mask = torch.zeros(1, 1, n, L, dtype=m.dtype, device=m.device).masked_fill_(hidden[None, None], float("-inf"))
+        return torch.tensor([table], dtype=torch.long, device=m.device), mask
+
+    def _padding(self, fresh: list[int]) -> tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fresh chunks padded together: (count, T, rows [count·T] to take (a pad repeats its chunk's last
+        row), where their real rows are in the padded block, which rows those are)."""
+        T, dev = max(self.lens[j] for j in fresh), self.m.device
+        take, real, dst = [], [], []
+        for f, j in enumerate(fresh):
+            s, n = self.starts[j], self.lens[j]
+            take += list(range(s, s + n)) + [s + n - 1] * (T - n)
+            real += range(f * T, f * T + n)
+            dst += range(s, s + n)
+        as_t = lambda x: torch.tensor(x, dtype=torch.long, device=dev)  # noqa: E731
+        return len(fresh), T, as_t(take), as_t(real), as_t(dst)
+
+    def last(self, offset: int) -> torch.Tensor:
+        """Rows (after `offset` rows before the chunks) of each chunk's last token."""
+        return torch.tensor([offset + s + n - 1 for s, n in zip(self.starts, self.lens)], device=self.m.device)
 
     def attend(self, i: int, q, k, v) -> torch.Tensor:
+        """q: [n, H, 1, hd], k, v: [n, KV, 1, hd] (this layer's, rotary applied) -> o: [n, H, 1, hd]."""
         m = self.m
-        flat = lambda x: self.packed(x.transpose(1, 2))  # noqa: E731  [n, KV, hd]
-        m.cache.write(i, self.slots, flat(k), flat(v))
-        if self.fresh:  # right padding + causal mask: a real token never sees a pad token
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=m.scale, enable_gqa=True)
-        kc, vc = m.cache.gather(i, self.table)
-        return F.scaled_dot_product_attention(q, kc, vc, attn_mask=self.mask, scale=m.scale, enable_gqa=True)
+        q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]  # [n, heads, hd]
+        m.cache.write(i, self.slots, k, v)
+        out = torch.empty_like(q)
+        sdpa = lambda q_, k_, v_, mask: F.scaled_dot_product_attention(  # noqa: E731
+            q_, k_, v_, attn_mask=mask, is_causal=mask is None, scale=m.scale, enable_gqa=True)
+        for s, e, table, mask in self.alone:
+            heads_first = lambda x: x[s:e].transpose(0, 1)[None]  # noqa: E731  [1, heads, len, hd]
+            kc, vc = (heads_first(k), heads_first(v)) if table is None else m.cache.gather(i, table)
+            out[s:e] = sdpa(heads_first(q), kc, vc, mask)[0].transpose(0, 1)
+        if self.padded is not None:
+            C, T, take, real, dst = self.padded
+            pad = lambda x: x.index_select(0, take).view(C, T, *x.shape[1:]).transpose(1, 2)  # noqa: E731
+            o = sdpa(pad(q), pad(k), pad(v), None).transpose(1, 2).reshape(C * T, *q.shape[1:])
+            out.index_copy_(0, dst, o.index_select(0, real))
+        return out.unsqueeze(2)
 
 
 class _Rows:

@@ -103,7 +103,7 @@ class ModelRunner:
 
     def _prefill(self, out: SchedulerOutput, rows: list[int]) -> torch.Tensor:
         args, keep = self._chunk_inputs(out, rows)
-        logits = self.model.prefill(*args, self.adapted.batch([out.slots[j] for j in rows]), keep)
+        logits = self.model.prefill(*args, self.adapted.batch(self._token_slots(out, rows)), keep)
         self._keep_prompt_logprobs(out, rows, keep)
         return logits
 
@@ -115,18 +115,19 @@ class ModelRunner:
     def _mixed(self, out: SchedulerOutput, decode: list[int], chunks: list[int]) -> dict[int, torch.Tensor]:
         order, dargs = self._decode_inputs(out, decode)
         cargs, keep = self._chunk_inputs(out, chunks)
-        slots = [out.slots[j] for j in order] + [out.slots[j] for j in chunks for _ in out.token_ids[j]]
+        slots = [out.slots[j] for j in order] + self._token_slots(out, chunks)
         dl, cl = self.model.mixed(*dargs, *cargs, self.adapted.batch(slots), keep)
         self._keep_prompt_logprobs(out, chunks, keep)
         return {**dict(zip(decode, _reorder(dl, order, decode))), **dict(zip(chunks, cl))}
 
+    @staticmethod
+    def _token_slots(out: SchedulerOutput, rows: list[int]) -> list[int]:
+        """The adapter slot of every chunk token (the chunks' tokens are rows of the forward)."""
+        return [out.slots[j] for j in rows for _ in out.token_ids[j]]
+
     def _chunk_inputs(self, out: SchedulerOutput, rows: list[int]) -> tuple[tuple, dict[int, None]]:
-        """The prefill group's (tokens [C, T] right-padded, lens, ctx, block tables) and the rows whose hidden
-        states are kept for prompt logprobs."""
-        ids = [out.token_ids[j] for j in rows]
-        lens = [len(t) for t in ids]
-        T = max(lens)
-        tokens = torch.tensor([t + [0] * (T - len(t)) for t in ids], dtype=torch.long, device=self.device)
+        """The prefill group's (chunks, ctx, block tables) and the chunks whose hidden states are kept for
+        prompt logprobs."""
         keep = {}
         for c, j in enumerate(rows):
             seq = out.seqs[j]
@@ -134,9 +135,8 @@ class ModelRunner:
                 keep[c] = None
                 if out.positions[j] == 0:  # first chunk (or a recompute from scratch)
                     self.prompt_lps[seq.request_id] = [None]
-        args = (tokens, torch.tensor(lens, device=self.device),
-                torch.tensor([out.positions[j] for j in rows], device=self.device),
-                padded_table([out.block_tables[j] for j in rows], self.device))
+        args = ([out.token_ids[j] for j in rows], [out.positions[j] for j in rows],
+                [out.block_tables[j] for j in rows])
         return args, keep
 
     def _keep_prompt_logprobs(self, out: SchedulerOutput, rows: list[int], keep: dict[int, torch.Tensor]) -> None:

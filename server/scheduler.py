@@ -133,7 +133,7 @@ class Scheduler:
             if seq.status is Status.RUNNING and seq.num_tokens - seq.num_computed == 1 and self._grow(seq, preempted):
                 plan.append((seq, 1))
                 budget -= 1
-        chunks: list[int] = []  # lengths of the prompt chunks planned (the runner pads them to the longest)
+        chunks: list[int] = []  # lengths of the prompt chunks planned
         for seq in list(self.running):  # then the next chunk of each prompt being prefilled, oldest first
             if seq.status is Status.RUNNING and seq.num_tokens - seq.num_computed > 1:
                 n = self._chunk(seq, _fit(chunks, seq.num_tokens - seq.num_computed, budget), plan, preempted)
@@ -345,9 +345,6 @@ def _inputs(seq: Sequence, n: int) -> list[int]:
 
 
 def _fit(chunks: list[int], n: int, budget: int) -> int:
-    """The longest chunk, at most n tokens, that keeps the padded prompt chunks (each as long as the longest)
-    within `budget`; 0 when none fits."""
-    k, longest = len(chunks) + 1, max(chunks, default=0)
-    if k * longest > budget:
-        return 0
-    return min(n, max(longest, budget // k))
+    """The longest chunk, at most n tokens, that keeps the prompt chunks within `budget` (what the decode
+    tokens left; every chunk token is one row of the step's forward); 0 when none fits."""
+    return max(0, min(n, budget - sum(chunks)))

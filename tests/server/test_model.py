@@ -36,12 +36,12 @@ class Paged:
             self.next += 1
         return t
 
-    def prefill(self, rows: list[int], chunks: list[list[int]], ctx: list[int], batch=None) -> torch.Tensor:
-        T = max(len(c) for c in chunks)
-        tokens = torch.tensor([c + [0] * (T - len(c)) for c in chunks])
+    def prefill(self, rows: list[int], chunks: list[list[int]], ctx: list[int], batch_for=None,
+                slots: list[int] | None = None) -> torch.Tensor:
+        """Prefill the chunks; with `batch_for`, chunk j's tokens use adapter slot slots[j]."""
         tables = [self.table(i, n + len(c)) for i, c, n in zip(rows, chunks, ctx)]
-        return self.m.prefill(tokens, torch.tensor([len(c) for c in chunks]), torch.tensor(ctx),
-                              padded_table(tables, self.m.device), batch)
+        batch = None if batch_for is None else batch_for([s for s, c in zip(slots, chunks) for _ in c])
+        return self.m.prefill(chunks, ctx, tables, batch)
 
     def decode(self, seqs: list[list[int]], batch=None, ids: list[int] | None = None, slots=None,
                batch_for=None) -> torch.Tensor:
@@ -70,11 +70,11 @@ def run_and_compare(adapted, ref_logits, batch_for, slots: list[int]) -> None:
     g = torch.Generator().manual_seed(1)
     seqs = [torch.randint(3, 128, (n,), generator=g).tolist() for n in (5, 11, 2, 7)]
     with torch.inference_mode():
-        got = m.prefill([0, 1, 2], seqs[:3], [0, 0, 0], batch_for(slots[:3]))
+        got = m.prefill([0, 1, 2], seqs[:3], [0, 0, 0], batch_for, slots[:3])
         for row in range(3):
             torch.testing.assert_close(got[row], ref_logits(row, seqs[row]), atol=ATOL, rtol=0)
-        m.prefill([3], [seqs[3][:3]], [0], batch_for(slots[3:]))
-        got = m.prefill([3], [seqs[3][3:]], [3], batch_for(slots[3:]))
+        m.prefill([3], [seqs[3][:3]], [0], batch_for, slots[3:])
+        got = m.prefill([3], [seqs[3][3:]], [3], batch_for, slots[3:])
         torch.testing.assert_close(got[0], ref_logits(3, seqs[3]), atol=ATOL, rtol=0)
         live = [0, 1, 2, 3]
         for step in range(12):
@@ -129,7 +129,7 @@ def test_adapter_changes_logits(tiny):
     adapted.load(1, make_adapter(adapted, "osora", 5))
     m = Paged(adapted)
     with torch.inference_mode():
-        got = m.prefill([0, 1], [[5, 6, 7], [5, 6, 7]], [0, 0], adapted.batch([0, 1]))
+        got = m.prefill([0, 1], [[5, 6, 7], [5, 6, 7]], [0, 0], adapted.batch, [0, 1])
     assert (got[0] - got[1]).abs().max() > 1e-3
 
 
@@ -162,19 +162,16 @@ def test_decode_rows_and_chunks_in_one_forward_match_hf(tiny, slots):
     g = torch.Generator().manual_seed(3)
     seqs = [torch.randint(3, 128, (n,), generator=g).tolist() for n in (6, 9, 7, 10)]
     with torch.inference_mode():
-        m.prefill([0, 1], [seqs[0][:-1], seqs[1][:-1]], [0, 0], adapted.batch(slots[:2]))
-        m.prefill([3], [seqs[3][:5]], [0], adapted.batch(slots[3:]))
+        m.prefill([0, 1], [seqs[0][:-1], seqs[1][:-1]], [0, 0], adapted.batch, slots[:2])
+        m.prefill([3], [seqs[3][:5]], [0], adapted.batch, slots[3:])
         dec = [seqs[0], seqs[1]]  # decode their last tokens; sequence 2 starts, sequence 3 continues
         tokens = torch.tensor([s[-1] for s in dec])
         pos = torch.tensor([len(s) - 1 for s in dec])
         table = padded_table([m.table(i, len(s)) for i, s in enumerate(dec)], m.m.device)
         chunks, ctx = [seqs[2], seqs[3][5:]], [0, 5]
-        T = max(len(c) for c in chunks)
-        ctok = torch.tensor([c + [0] * (T - len(c)) for c in chunks])
-        ctable = padded_table([m.table(2, 7), m.table(3, 10)], m.m.device)
         rows = slots[:2] + [slots[2]] * 7 + [slots[3]] * 5  # a row per token
         keep = {0: None, 1: None}
-        dl, cl = m.m.mixed(tokens, pos, table, False, 2, ctok, torch.tensor([7, 5]), torch.tensor(ctx), ctable,
+        dl, cl = m.m.mixed(tokens, pos, table, False, 2, chunks, ctx, [m.table(2, 7), m.table(3, 10)],
                            adapted.batch(rows), keep)
     for r in range(2):
         torch.testing.assert_close(dl[r], ref(r, seqs[r])[-1], atol=ATOL, rtol=0)

@@ -278,12 +278,12 @@ def test_aborting_mid_rotation(aborts, order):
 
 @pytest.mark.parametrize("arrivals, limit, expected", [
     # (tenant, prompt length) per arrival; the head never gets overtaken: a long prompt takes what the
-    # budget leaves (a chunk: padded chunks cost the longest each) and ends the admissions of its step, even
+    # budget leaves (a chunk) and ends the admissions of its step, even
     # where the next tenant's short prompt would have fitted
     ([("A", 3), ("B", 10), ("A", 3)], 12, [["A0", "B0"], ["A1"]]),
     ([("A", 3), ("B", 10), ("A", 3)], 30, [["A0", "B0", "A1"]]),
-    ([("A", 3), ("A", 10), ("B", 3)], 12, [["A0", "B0", "A1"]]),  # A1 with a chunk of 4 (3 x 4 <= 12)
-    ([("A", 8), ("B", 2), ("C", 2)], 12, [["A0"], ["B0", "C0"]]),
+    ([("A", 3), ("A", 10), ("B", 3)], 12, [["A0", "B0", "A1"]]),  # A1 with a chunk of 6 (3 + 3 + 6 <= 12)
+    ([("A", 8), ("B", 2), ("C", 2)], 12, [["A0", "B0", "C0"]]),
 ])
 def test_the_head_is_never_overtaken(arrivals, limit, expected):
     s = sched(max_batch_size=4, max_queue=16, max_num_batched_tokens=limit)
