@@ -120,3 +120,35 @@ def test_same_adapter_same_bytes(spec, tiny_factors):
     """One adapter, one sha256: the store versions adapters by it."""
     a = random_adapter("vera", spec, tiny_factors, 4, seed=0, alpha=3.0)
     assert len({a.to_bytes() for _ in range(10)}) == 1
+
+
+FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_value_named_in_any_dtype(good, spec, dtype, bad):
+    """The finite check reads the raw bytes (exponent bits): every dtype, the tensor named, whichever tensor of
+    the file holds it, next to tensors of other dtypes."""
+    t = good.tensors()
+    names = sorted(t)
+    victim = names[len(names) // 2]
+    mixed = {n: t[n].to(FLOAT_DTYPES[i % 4]) for i, n in enumerate(names)}  # neighbours of every dtype
+    mixed[victim] = t[victim].to(dtype)
+    mixed[victim][-1] = bad
+    with pytest.raises(AdapterFormatError, match="contains NaN or Inf") as err:
+        parse_adapter(raw(mixed), spec)
+    assert victim in str(err.value)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_extreme_finite_values_accepted(good, spec, dtype):
+    """The largest and smallest finite values (and subnormals, zeros) of each dtype are not NaN or Inf."""
+    t = good.tensors()
+    name = next(n for n in t if n.endswith("osora_O"))
+    info = torch.finfo(dtype)
+    edge = t[name].to(dtype)
+    edge[:6] = torch.tensor([info.max, -info.max, info.tiny, info.tiny / 4, 0.0, -0.0], dtype=dtype)
+    a = parse_adapter(raw({**t, name: edge}), spec)
+    module, _, param = name.rpartition(".")
+    assert torch.equal(a.layers[module][param], edge)
