@@ -10,13 +10,22 @@ The per-row slot reaches the layers as an explicit `AdapterBatch`: either passed
 
 Merging (`merge`) writes W0 + ΔW into the weights when one adapter holds the whole batch; `unmerge`
 copies the pristine weights back (never a float subtraction), so restore is bit-exact.
+
+Loading is split in two so that the engine thread, which every running stream waits on, does almost nothing:
+`prepare` (any thread, no model state touched) lays an OSoRA adapter out as its whole row of the slot table in
+the serving dtype — a `SlotImage` — and `load` of an image is one row copy (per-layer loading of an OSoRA
+adapter cost ~5 ms of 630 small operators on the engine thread, every stream stalled meanwhile). Other
+methods, and OSoRA layers outside the table, load layer by layer.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from contextlib import contextmanager
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,6 +37,18 @@ from adapters.fused import FusedLinear, input_groups
 from adapters.methods import AdapterBatch, Bank, get_method
 
 BATCH_CACHE = 4  # batch objects kept for reuse (each holds its rows of the OSoRA slot table)
+SERIAL_CHUNK = 16384  # elements per operator of a row copy: below torch's parallel grain (32768)
+LAYOUTS_KEPT = 8  # `prepare` index plans kept, one per (layers, rank) of the adapters seen
+
+
+@dataclass(frozen=True, eq=False)
+class SlotImage:
+    """An adapter prepared for a slot (AdaptedModel.prepare). `row`: for an OSoRA adapter whose layers all
+    live in the slot table, its whole table row [P] on the device in the serving dtype; None: the adapter is
+    loaded layer by layer."""
+
+    adapter: Adapter
+    row: torch.Tensor | None
 
 
 class AdaptedLinear(nn.Linear):
@@ -89,6 +110,9 @@ class AdaptedModel:
         self.merged: Adapter | None = None
         self._pristine: dict[str, torch.Tensor] | None = None
         self.fused = self._fuse()
+        self._columns = self._table_columns()
+        self._layouts: OrderedDict[tuple, tuple[np.ndarray, ...]] = OrderedDict()  # prepare's index plans
+        self._layout_lock = threading.Lock()
         self._version = 0  # bumped whenever what a slot serves changes (load, unload, merge)
         self._batches: OrderedDict[tuple, AdapterBatch] = OrderedDict()  # recent batch objects (LRU)
 
@@ -107,13 +131,71 @@ class AdaptedModel:
             g.attach_table(self.table)
         return groups
 
+    def _table_columns(self) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """For every layer whose OSoRA bank is a view into the slot table: the table columns of its a, c (one
+        per component) and o (one per output), read off the views' strides, so they follow the table's layout
+        wherever adapters/fused.py puts a layer."""
+        cols = {}
+        for name, layer in self.layers.items():
+            bank = layer.banks.get("osora")
+            views = (bank.a, bank.c, bank.o) if bank is not None else ()
+            if views and all(_in_table(v, self.table) for v in views):
+                cols[name] = tuple(_table_cols(v, self.table) for v in views)
+        return cols
+
     # ---- slots -------------------------------------------------------------------------------------
-    def load(self, slot: int, adapter: Adapter) -> None:
-        """Make `adapter` resident in `slot` (1..n_slots-1), replacing whatever was there."""
+    def prepare(self, adapter: Adapter) -> SlotImage:
+        """`adapter` made ready for `load`, touching no model state (call it in any thread, e.g. the worker
+        thread that resolved the adapter). For OSoRA on table layers: its table row, computed as the
+        per-layer load computes it (float32, rounded to the serving dtype once). The arithmetic is numpy's
+        and the rounding is done in chunks below torch's parallel grain, so a worker thread never starts a
+        second OpenMP team beside the engine thread's on the same cores."""
+        if adapter.method != "osora" or not adapter.layers or not set(adapter.layers) <= self._columns.keys():
+            return SlotImage(adapter, None)
+        names = tuple(adapter.layers)
+        a_idx, c_idx, o_idx, s_r = self._layout(names, adapter.rank)
+        s_new = np.concatenate([adapter.layers[n]["osora_S"].float().numpy() for n in names])
+        o = np.concatenate([adapter.layers[n]["osora_O"].float().numpy() for n in names])
+        row = np.zeros(self.table.shape[1], dtype=np.float32)
+        row[a_idx] = s_new
+        row[c_idx] = s_new - s_r
+        row[o_idx] = o - np.float32(1.0)
+        out = torch.empty(row.shape[0], dtype=self.dtype)
+        _serial_copy(out, torch.from_numpy(row))
+        return SlotImage(adapter, out.to(self.device))
+
+    def _layout(self, names: tuple[str, ...], rank: int) -> tuple[np.ndarray, ...]:
+        """Table columns of a, c and o for an adapter of `rank` over layers `names`, and its S_r values in the
+        same order; kept for a few (names, rank) pairs (adapters of one model mostly share one)."""
+        key = (names, rank)
+        with self._layout_lock:
+            hit = self._layouts.get(key)
+            if hit is not None:
+                self._layouts.move_to_end(key)
+                return hit
+        cols = [self._columns[n] for n in names]
+        plan = (np.concatenate([a[:rank] for a, _, _ in cols]), np.concatenate([c[:rank] for _, c, _ in cols]),
+                np.concatenate([o for _, _, o in cols]),
+                np.concatenate([self.factors[n].S[:rank].float().numpy() for n in names]))
+        with self._layout_lock:
+            self._layouts[key] = plan
+            while len(self._layouts) > LAYOUTS_KEPT:
+                self._layouts.popitem(last=False)
+        return plan
+
+    def load(self, slot: int, adapter: Adapter | SlotImage) -> None:
+        """Make `adapter` resident in `slot` (1..n_slots-1), replacing whatever was there. An image of
+        `prepare` with a table row is one row copy."""
         if not 0 < slot < self.n_slots:
             raise ValueError(f"slot {slot} out of range 1..{self.n_slots - 1}")
+        image = adapter if isinstance(adapter, SlotImage) else None
+        adapter = image.adapter if image is not None else adapter
         self.unload(slot)
         self._version += 1
+        if image is not None and image.row is not None:
+            _serial_copy(self.table[slot], image.row)
+            self.resident[slot] = adapter
+            return
         method = get_method(adapter.method)
         glob = {n: t.float() for n, t in adapter.glob.items()}
         for name, layer in self.layers.items():
@@ -128,9 +210,12 @@ class AdaptedModel:
         if old is None:
             return
         self._version += 1
-        for layer in self.layers.values():
-            if old.method in layer.banks:
-                layer.banks[old.method].clear(slot)
+        if old.method == "osora" and set(old.layers) <= self._columns.keys():
+            _serial_copy(self.table[slot], 0.0)  # its whole state is this row (either way it was loaded)
+        else:
+            for layer in self.layers.values():
+                if old.method in layer.banks:
+                    layer.banks[old.method].clear(slot)
         self.resident[slot] = None
 
     def batch(self, slots: list[int]) -> AdapterBatch:
@@ -223,6 +308,26 @@ class AdaptedModel:
         for name in self.merged.layers:
             self.layers[name].weight.copy_(self._pristine[name])
         self.merged = None
+
+
+def _serial_copy(dst: torch.Tensor, src: torch.Tensor | float) -> None:
+    """dst[:] = src (1-D) in chunks below torch's parallel grain: a row copy is ~10 us on one thread, but as one
+    parallel operator it waited for a second OpenMP thread, milliseconds on a busy 2-core host."""
+    for i in range(0, dst.shape[0], SERIAL_CHUNK):
+        part = dst[i:i + SERIAL_CHUNK]
+        part.fill_(src) if isinstance(src, float) else part.copy_(src[i:i + SERIAL_CHUNK])
+
+
+def _in_table(view: torch.Tensor, table: torch.Tensor) -> bool:
+    """Is `view` a [n_slots, m] view of `table`'s columns (same storage, one table row per slot row)?"""
+    return (view.dim() == 2 and view.untyped_storage().data_ptr() == table.untyped_storage().data_ptr()
+            and view.shape[0] == table.shape[0] and view.stride(0) == table.stride(0))
+
+
+def _table_cols(view: torch.Tensor, table: torch.Tensor) -> np.ndarray:
+    """The table columns of a [n_slots, m] view's m columns."""
+    start = view.storage_offset() - table.storage_offset()
+    return start + np.arange(view.shape[1], dtype=np.int64) * view.stride(1)
 
 
 def load_adapted_model(path: str | None, *, r_max: int, cache_dir: str | None, n_slots: int,

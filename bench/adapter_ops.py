@@ -89,7 +89,8 @@ def _tensors(obj) -> list[torch.Tensor]:
 
 
 def method_row(adapted, store, method: str, rank: int, args) -> dict:
-    """Store put/get, load into a slot, unload (eviction), merge and restore for one method and rank."""
+    """Store put/get, load into a slot (layer by layer; and prepared off the engine thread, then loaded from
+    the image), unload (eviction), merge and restore for one method and rank."""
     from adapters.synthetic import random_adapter
 
     a = random_adapter(method, adapted.spec, adapted.factors, rank, seed=7)
@@ -99,6 +100,9 @@ def method_row(adapted, store, method: str, rank: int, args) -> dict:
     get_ms = med_ms(lambda: store.get(aid), args.repeats)
     stored = store.get(aid).adapter
     load_ms = med_ms(lambda: adapted.load(1, stored), args.repeats)
+    prepare_ms = med_ms(lambda: adapted.prepare(stored), args.repeats)  # in the route's worker thread
+    image = adapted.prepare(stored)
+    load_image_ms = med_ms(lambda: adapted.load(1, image), args.repeats)  # what the engine thread does then
     res = resident_bytes(adapted, method, 1)
     unload_ms = unload_only_ms(adapted, stored, args.repeats)
     pristine = {n: l.weight.detach().clone() for n, l in list(adapted.layers.items())[:3]}
@@ -107,6 +111,7 @@ def method_row(adapted, store, method: str, rank: int, args) -> dict:
     per_gb = int(args.memory_gb * 2**30 // max(res, 1))
     return {"method": method, "rank": rank, "file_bytes": len(data), "resident_bytes": res,
             "fit_in_memory": per_gb, "put_ms": put_ms, "get_ms": get_ms, "load_ms": load_ms,
+            "prepare_ms": prepare_ms, "load_image_ms": load_image_ms, "image_is_row": image.row is not None,
             "unload_ms": unload_ms, "merge_ms": merge_ms, "restore_ms": restore_ms,
             "restore_bit_exact": exact}
 
@@ -295,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
         busy = cold_under_load(adapted, store, args)
     print()
     print(table(rows, ["method", "rank", "file_bytes", "resident_bytes", "fit_in_memory", "put_ms", "get_ms",
-                       "load_ms", "unload_ms", "merge_ms", "restore_ms", "restore_bit_exact"]))
+                       "load_ms", "prepare_ms", "load_image_ms", "unload_ms", "merge_ms", "restore_ms", "restore_bit_exact"]))
     print()
     print(table(cold, ["case", "ttft_ms"]))
     print(f"\nunder load: {args.streams} streams of {args.long_tokens} tokens on resident adapters, {args.arrivals} "

@@ -11,13 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import torch
 
-from adapters.runtime import AdaptedModel
+from adapters.runtime import AdaptedModel, SlotImage
 from server.config import EngineConfig
 from server.grammar import Grammars
 from server.kv.blocks import BlockManager
@@ -26,7 +26,7 @@ from server.kv.hashing import namespace
 from server.model_runner import ModelRunner
 from server.residency import Residency
 from server.scheduler import QueueFull, Scheduler, SchedulerOutput
-from server.sequence import ContextLengthExceeded, Detokenizer, PromptLogprob, SampledToken, SamplingParams, Sequence, Status
+from server.sequence import AdapterKey, ContextLengthExceeded, Detokenizer, PromptLogprob, SampledToken, SamplingParams, Sequence, Status
 from server.store import AdapterStore, StoredAdapter, qualified
 
 __all__ = ["Engine", "GenerationFailed", "GenerationRequest", "QueueFull", "RequestOutput", "SamplingParams", "TokenLogprob"]
@@ -60,6 +60,8 @@ class GenerationRequest:
     cache_salt: str | None = None  # isolates its prefix-cache blocks from every request without the same salt
     stored: StoredAdapter | None = None  # the adapter as the caller resolved it (its version fixed) off the event
     # loop — a cold download from object storage never blocks it; None: the engine looks `adapter_id` up
+    image: SlotImage | None = None  # `stored` prepared for a slot (Engine.resolve), so that admitting it
+    # costs the engine thread one row copy; None: a prepared image is looked up, else it loads layer by layer
 
 
 @dataclass
@@ -116,6 +118,8 @@ class Engine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._images: OrderedDict[AdapterKey, SlotImage] = OrderedDict()  # prepared adapters, least recent first
+        self._images_lock = threading.Lock()
         self.observer = None  # metrics (server.metrics.Metrics): on_step(sched) after each schedule, in this thread
         self.counters = {"tokens_generated_total": 0, "requests_total": 0, "step_count": 0,
                          "prefill_steps": 0, "decode_steps": 0, "aborted_total": 0, "preemptions_total": 0,
@@ -244,7 +248,9 @@ class Engine:
         key = adapter = None
         if req.adapter_id is not None:
             stored = req.stored or self.store.get(req.adapter_id)  # the version is fixed here
-            key, adapter = (stored.info.name, stored.version), stored.adapter
+            key = (stored.info.name, stored.version)
+            image = req.image if req.image is not None and req.stored is not None else self._image(key)
+            adapter = image if image is not None and image.adapter is stored.adapter else stored.adapter
         matcher = None
         if p.grammar is not None:
             if p.ignore_eos:
@@ -254,6 +260,33 @@ class Engine:
         return Sequence(request_id=req.request_id, prompt_ids=list(ids), params=p,
                         detok=Detokenizer(decode, ids), adapter_key=key, adapter=adapter, tenant=req.tenant,
                         matcher=matcher, kv_root=namespace(key, req.cache_salt or p.cache_salt))
+
+    def resolve(self, name: str) -> tuple[StoredAdapter, SlotImage]:
+        """The current version of adapter `name` (`tenant/id`), parsed and prepared for a slot: the blocking and
+        CPU work of a cold adapter (index read, download, parse, its slot-table row), for a worker thread — the
+        routes call it there and pass both on in the GenerationRequest, so the engine thread, which every running
+        stream waits on, only copies the row in. Raises as `store.get`."""
+        stored = self.store.get(name)
+        key = (stored.info.name, stored.version)
+        image = self._image(key)
+        if image is None or image.adapter is not stored.adapter:
+            try:
+                image = self.model.prepare(stored.adapter)
+            except Exception:  # never fail the request here: loading it layer by layer fails it alone if need be
+                log.exception("preparing adapter %s for a slot failed; it will load layer by layer", name)
+                return stored, SlotImage(stored.adapter, None)
+            with self._images_lock:
+                self._images[key] = image
+                while len(self._images) > self.config.max_resident_adapters:
+                    self._images.popitem(last=False)
+        return stored, image
+
+    def _image(self, key: AdapterKey) -> SlotImage | None:
+        with self._images_lock:
+            image = self._images.get(key)
+            if image is not None:
+                self._images.move_to_end(key)
+            return image
 
     def abort(self, request_id: str) -> None:
         with self._lock:
@@ -286,6 +319,9 @@ class Engine:
         with self._lock, torch.inference_mode():
             self.residency.forget(qualified(name))
             self.scheduler.drop_adapter(qualified(name))
+        with self._images_lock:
+            for key in [k for k in self._images if k[0] == qualified(name)]:
+                del self._images[key]
 
     def stats(self) -> dict[str, float | int]:
         """Numbers only (GET /metrics turns each into a sample): the scheduler's state, the KV pool, counters."""

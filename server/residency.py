@@ -35,7 +35,7 @@ from server.sequence import AdapterKey, Sequence
 
 if TYPE_CHECKING:
     from adapters.file import Adapter
-    from adapters.runtime import AdaptedModel
+    from adapters.runtime import AdaptedModel, SlotImage
 
 AUTO_MERGE_MIN_TOKENS = 32
 AUTO_MERGE_STABLE_STEPS = 4
@@ -57,9 +57,10 @@ class Residency:
         self.loads = self.evictions = self.merges = 0
 
     # ---- slots ------------------------------------------------------------------------------------
-    def acquire(self, key: AdapterKey | None, adapter: Adapter | None) -> int | None:
+    def acquire(self, key: AdapterKey | None, adapter: Adapter | SlotImage | None) -> int | None:
         """Pin `key` for one request and return its slot, loading it first if needed (0 for the base
-        model). None when no slot can be freed: every slot is pinned."""
+        model; a prepared SlotImage loads with one row copy). None when no slot can be freed: every slot is
+        pinned."""
         if key is None:
             return 0
         slot = self.slot_of.get(key)

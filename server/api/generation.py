@@ -67,10 +67,10 @@ async def start(engine: Engine, prompts: list[list[int]], params: SamplingParams
         raise APIError(400, f"{len(prompts)} prompts x n={n} make {len(prompts) * n} requests, more than the "
                             f"server's queue holds ({engine.config.max_queue}, --max-queue): send fewer at once",
                        param="n", code="too_many_requests_in_one")
-    stored = None
-    if adapter_id is not None:  # in a worker thread: an S3 store may read its index and download the file
-        try:
-            stored = await run_in_threadpool(engine.store.get, adapter_id)
+    stored = image = None
+    if adapter_id is not None:  # in a worker thread: an S3 store may read its index and download the file, a
+        try:                    # cold adapter is parsed and laid out for its slot (Engine.resolve)
+            stored, image = await run_in_threadpool(engine.resolve, adapter_id)
         except Exception as exc:
             raise as_api_error(exc) from None
     runs = []
@@ -78,7 +78,8 @@ async def start(engine: Engine, prompts: list[list[int]], params: SamplingParams
         for i in range(n):
             seeded = params if params.seed is None or i == 0 else _with_seed(params, _next_seed(params.seed, i))
             req = GenerationRequest(request_id=f"{request_id}-{p * n + i}", prompt_token_ids=ids,
-                                    params=seeded, adapter_id=adapter_id, tenant=tenant, stored=stored)
+                                    params=seeded, adapter_id=adapter_id, tenant=tenant, stored=stored,
+                                    image=image)
             observer = getattr(engine, "observer", None)
             if observer is not None:
                 observer.submitted(req.request_id, tenant)
