@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import statistics
 import tempfile
 import time
@@ -191,7 +192,13 @@ def cold_under_load(adapted, store, args) -> list[dict]:
     from adapters.synthetic import random_adapter
     from server.config import EngineConfig
     from server.engine import Engine
+    from server.heap import freeze_startup_heap, thaw_heap
 
+    slots = min(args.slots, adapted.n_slots - 1)
+    cfg = EngineConfig(max_batch_size=args.streams + args.arrivals, max_model_len=256, max_queue=256,
+                       max_resident_adapters=slots, merge_policy="never", prefix_caching=False)
+    engine = Engine(cfg, adapted, adapted.base.tokenizer, store)
+    freeze_startup_heap()  # as the server does at start, before any upload
     make = lambda name, seed: store.put(name, random_adapter(  # noqa: E731
         "osora", adapted.spec, adapted.factors, 16, seed=seed).to_bytes())
     t0 = time.perf_counter()
@@ -203,10 +210,6 @@ def cold_under_load(adapted, store, args) -> list[dict]:
         make(f"warm{i}", 30_000 + i)
     print(f"  stored {args.cycle_adapters + args.streams + WARM_ADAPTERS} adapters in "
           f"{time.perf_counter() - t0:.1f} s", flush=True)
-    slots = min(args.slots, adapted.n_slots - 1)
-    cfg = EngineConfig(max_batch_size=args.streams + args.arrivals, max_model_len=256, max_queue=256,
-                       max_resident_adapters=slots, merge_policy="never", prefix_caching=False)
-    engine = Engine(cfg, adapted, adapted.base.tokenizer, store)
     engine.start()
     prompt = adapted.base.tokenizer.encode("Write a short story about a lighthouse keeper and the sea.")
     cycle = (f"cyc{i % args.cycle_adapters}" for i in range(10**9))
@@ -216,8 +219,10 @@ def cold_under_load(adapted, store, args) -> list[dict]:
         rows = []
         for case, names in (("warm", warm), ("cold", cycle)):
             before, loads0 = engine.stats(), store.counters.loads
-            r = asyncio.run(_load_phase(engine, prompt, names, args))
+            with FullCollections() as gcs:
+                r = asyncio.run(_load_phase(engine, prompt, names, args))
             after = engine.stats()
+            r.update(full_gcs=len(gcs.pauses), full_gc_ms=1000 * sum(gcs.pauses))
             r.update(case=case, slot_loads=after["adapter_loads_total"] - before["adapter_loads_total"],
                      evictions=after["adapter_evictions_total"] - before["adapter_evictions_total"],
                      parses=store.counters.loads - loads0)
@@ -226,9 +231,32 @@ def cold_under_load(adapted, store, args) -> list[dict]:
         return rows
     finally:
         engine.shutdown()
+        thaw_heap()
 
 
 WARM_ADAPTERS = 8
+
+
+class FullCollections:
+    """Records the duration of every full (generation 2) garbage collection while it is entered: each holds
+    the GIL, so every stream waits it out (server/heap.py)."""
+
+    def __enter__(self) -> "FullCollections":
+        self.pauses: list[float] = []
+        self._t0 = 0.0
+        gc.callbacks.append(self._observe)
+        return self
+
+    def _observe(self, phase: str, info: dict) -> None:
+        if info["generation"] != 2:
+            return
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            self.pauses.append(time.perf_counter() - self._t0)
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._observe)
 
 
 async def _request(engine, prompt: list[int], adapter: str, max_tokens: int, rid: str) -> tuple[float, list[float]]:
@@ -307,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
           f"clients sending 2-token requests on warm adapters, then on {args.cycle_adapters} adapters cycling "
           f"through {args.slots} slots")
     print(table(busy, ["case", "requests", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "stream_tok_s",
-                       "slot_loads", "evictions", "parses"]))
+                       "slot_loads", "evictions", "parses", "full_gcs", "full_gc_ms"]))
     write_results(args.name, {"dtype": args.dtype, "memory_gb": args.memory_gb, "repeats": args.repeats,
                               "seconds": time.perf_counter() - t_start, "methods": rows, "cold_load": cold,
                               "under_load": {"streams": args.streams, "arrivals": args.arrivals,

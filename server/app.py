@@ -92,6 +92,7 @@ def create_app(config: Config, model=None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         from server.engine import Engine
+        from server.heap import freeze_startup_heap, thaw_heap
 
         started = time.monotonic()
         adapted = model if model is not None else await anyio.to_thread.run_sync(load_model, config)
@@ -106,6 +107,7 @@ def create_app(config: Config, model=None) -> FastAPI:
         store, tenancy = await anyio.to_thread.run_sync(open_store_and_tenancy, config, adapted.spec)
         engine = Engine(config.engine, adapted, tokenizer, store, weight=tenancy.weight)
         watch(app.state.metrics, engine, store, adapted.base.name, config.engine.max_resident_adapters)
+        freeze_startup_heap()  # full GC passes over the model's objects stalled every stream (server/heap.py)
         engine.start()
         app.state.config, app.state.store, app.state.engine, app.state.tokenizer = config, store, engine, tokenizer
         app.state.tenancy = tenancy
@@ -123,6 +125,7 @@ def create_app(config: Config, model=None) -> FastAPI:
         finally:
             engine.shutdown()
             tenancy.service.db.dispose()
+            thaw_heap()
 
     app = FastAPI(title="svdserve", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-style inference server for SVD-based LLM adapters")
