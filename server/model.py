@@ -187,6 +187,7 @@ class _DecodeRows:
         self.long = _Rows(m, pos[n_ws:], table[n_ws:], gather=True) if n_ws < B else None
         if self.short is not None:
             m.workspace.prepare(table[:n_ws], self.short.L)
+            self.ws_index = m.workspace.index(pos[:n_ws])
         self.slots = m.slots(table, torch.arange(B, device=m.device), pos)
         self.cos, self.sin = m.cos[pos][:, None, None], m.sin[pos][:, None, None]  # [B, 1, 1, hd]
 
@@ -195,7 +196,7 @@ class _DecodeRows:
         m.cache.write(i, self.slots, k[:, :, 0], v[:, :, 0])
         parts = []
         if self.short is not None:
-            m.workspace.write(i, self.pos[:n_ws], k[:n_ws, :, 0], v[:n_ws, :, 0])
+            m.workspace.write(i, self.ws_index, k[:n_ws, :, 0], v[:n_ws, :, 0])
             kc, vc = m.workspace.read(i, n_ws, self.short.L)  # [n_ws, KV, L, hd]
             parts.append(self.short.attend(q[:n_ws], kc, vc))
         if self.long is not None:
