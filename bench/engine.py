@@ -11,7 +11,8 @@ disturbed by other processes than wall time; every A/B pair is interleaved round
   old decode path verbatim), in one process on the same weights. Also the per-step block gather without the
   workspace, the option the workspace replaced.
 * osora: 32 distinct OSoRA r=16 adapters at batch 32 ÷ the base model, paged.
-* dtype: bfloat16 ÷ float32 decode (base, batch 32), when the CPU has native bf16 (avx512_bf16 / AMX).
+* dtype: bfloat16 ÷ float32 decode (base, batch 32), when the CPU has native bf16 (avx512_bf16 / AMX), and
+  the osora ratio again in bfloat16 (what `--dtype auto` serves there).
 * ttft: time to first token through the Engine of a request whose 1,000-token system prompt is in the prefix
   cache, against the same request uncached (a fresh system prompt each round).
 * itl: inter-token latency of 16 running streams while 4 requests with long prompts (2,000 tokens; 500 with
@@ -197,9 +198,12 @@ def decode_section(args) -> list[dict]:
     r = interleaved(args.rounds, {"osora": lambda: d.run("paged", mixed), "base": lambda: d.run("paged", base)})
     pair(rows, "OSoRA r=16, 32 distinct ÷ base (B=32, paged), tok/s", r, "osora", "base", "≥ 0.95")
     if native_bf16():
-        d16 = Decoder(args, torch.bfloat16, 32, 1)
+        d16 = Decoder(args, torch.bfloat16, 32)
         r = interleaved(args.rounds, {"bf16": lambda: d16.run("paged", base), "fp32": lambda: d.run("paged", base)})
         pair(rows, "bfloat16 ÷ float32 decode (B=32, base, paged), tok/s", r, "bf16", "fp32", "–")
+        d16.load_osora(32)
+        r = interleaved(args.rounds, {"osora": lambda: d16.run("paged", mixed), "base": lambda: d16.run("paged", base)})
+        pair(rows, "OSoRA r=16, 32 distinct ÷ base, bfloat16 (B=32, paged), tok/s", r, "osora", "base", "≥ 0.95")
     return rows
 
 
