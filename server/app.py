@@ -21,6 +21,7 @@ from server.errors import install_error_handlers
 from server.tools.template import DEFAULT_MODEL_TEMPLATE
 from server.logs import RequestId
 from server.metrics import Metrics
+from server.startup import StartupError, report
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +105,12 @@ def create_app(config: Config, model=None) -> FastAPI:
 
             tokenizer.chat_template = load_chat_template(template)
         # indexes the headers (local) or checks the bucket (S3); StoreNotWritable names what cannot be used
-        store, tenancy = await anyio.to_thread.run_sync(open_store_and_tenancy, config, adapted.spec)
-        engine = Engine(config.engine, adapted, tokenizer, store, weight=tenancy.weight)
+        try:
+            store, tenancy = await anyio.to_thread.run_sync(open_store_and_tenancy, config, adapted.spec)
+            engine = Engine(config.engine, adapted, tokenizer, store, weight=tenancy.weight)
+        except StartupError as exc:  # what to change, in one line (server/startup.py)
+            report(exc)
+            raise
         watch(app.state.metrics, engine, store, adapted.base.name, config.engine.max_resident_adapters)
         freeze_startup_heap()  # full GC passes over the model's objects stalled every stream (server/heap.py)
         engine.start()

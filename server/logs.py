@@ -57,6 +57,11 @@ def configure(level: str, fmt: str = "json") -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+    from server.startup import OneLineStartupFailure
+
+    uvicorn_error = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, OneLineStartupFailure) for f in uvicorn_error.filters):
+        uvicorn_error.addFilter(OneLineStartupFailure())
 
 
 class RequestId:

@@ -12,6 +12,12 @@ import re
 
 import torch
 
+from server.startup import StartupError
+
+
+class KVCacheTooSmall(StartupError, ValueError):
+    """--kv-cache-memory cannot hold one --max-model-len sequence."""
+
 UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "t": 10**12, "tb": 10**12}
 
@@ -49,6 +55,7 @@ def num_blocks(spec: str, *, per_token: int, block_size: int, max_batch_size: in
     per_seq = -(-max_model_len // block_size)
     n = min(budget // per_block, max_batch_size * per_seq)
     if n < per_seq:
-        raise ValueError(f"kv cache memory {spec!r} ({budget} bytes) holds {n * block_size} tokens, fewer than "
-                         f"one max_model_len ({max_model_len}) sequence needs: raise it or lower max_model_len")
+        raise KVCacheTooSmall(f"--kv-cache-memory {spec} ({budget} bytes) holds {n * block_size} tokens of K/V, fewer "
+                              f"than one --max-model-len {max_model_len} sequence needs: raise it or lower "
+                              f"--max-model-len")
     return n + 1

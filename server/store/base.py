@@ -19,6 +19,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 from adapters.file import Adapter, BaseSpec
+from server.startup import StartupError
 
 ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 TENANT_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
@@ -39,7 +40,7 @@ class StoreFull(Exception):
     """The disk under the store is full (ENOSPC) or over its quota (EDQUOT): HTTP 507; nothing changed."""
 
 
-class StoreNotWritable(RuntimeError):
+class StoreNotWritable(StartupError, RuntimeError):
     """The store's directory cannot be created or written; the message names the path."""
 
 

@@ -33,6 +33,17 @@ def test_a_busy_port_fails_before_the_model_loads(tmp_path):
     assert time.monotonic() - started < 30  # the model (tens of seconds) was never loaded
 
 
+def test_a_kv_budget_below_one_sequence_is_one_line_not_a_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "server", "--port", "0", "--store", str(tmp_path / "s"),
+                        "--cache-dir", str(FACTOR_CACHE), "--kv-cache-memory", "1MB", "--max-model-len", "4096",
+                        "--log-format", "text"], cwd=REPO, env=_clean_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode != 0
+    lines = [line for line in r.stderr.splitlines() if "cannot start" in line]
+    assert len(lines) == 1 and "--kv-cache-memory 1MB" in lines[0] and "--max-model-len 4096" in lines[0], r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+
+
 def test_health_stays_fast_while_a_huge_prompt_is_handled(server):
     prompt = "word " * 700_000  # 3.5 MB of text: tokenized off the event loop
     result = {}
