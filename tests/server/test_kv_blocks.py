@@ -76,7 +76,7 @@ def test_num_blocks_is_the_budget_not_batch_times_length():
     kw = dict(per_token=1000, block_size=16, max_batch_size=64, max_model_len=32768, device=None)
     assert num_blocks("64MiB", **kw) == 64 * 2**20 // 16000 + 1
     assert num_blocks("1TiB", **kw) == 64 * 2048 + 1  # never more than the batch can use
-    with pytest.raises(ValueError, match="max_model_len"):
+    with pytest.raises(ValueError, match="--max-model-len 32768"):
         num_blocks("1MB", **kw)
 
 
