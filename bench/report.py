@@ -79,7 +79,12 @@ def fleet(data: dict) -> str:
 
 
 def engine(data: dict) -> str:
-    return table(data["rows"], ["case", "a", "b", "ratio", "target"], {"ratio": 2})
+    rows = [{**r, "p99 ÷ window p50": r["a"] / r["during_p50_ms"]} if "during_p50_ms" in r else r
+            for r in data["rows"]]
+    cols = ["case", "a", "b", "ratio", "target"]
+    if any("during_p50_ms" in r for r in rows):  # ITL: also against the median of the same window
+        cols.insert(4, "p99 ÷ window p50")
+    return table(rows, cols, {"ratio": 2, "p99 ÷ window p50": 2})
 
 
 def structured(data: dict) -> str:
@@ -119,7 +124,7 @@ def main(names: list[str], results_dir: Path = RESULTS_DIR) -> None:
         names = [n for n in names or list(RENDER) if n != "mixed_adapters"]
     if "serve_load" in names:
         srcs = [results_dir / "serve_load.json", *sorted(results_dir.glob("serve_load_*.json"))]
-        srcs = [p for p in srcs if p.exists() and not p.stem.endswith("quick")]
+        srcs = [p for p in srcs if p.exists() and not p.stem.endswith("quick") and p.stem not in names]
         if srcs:
             rows: dict[tuple, dict] = {}
             print("### serve_load\n")
@@ -135,7 +140,7 @@ def main(names: list[str], results_dir: Path = RESULTS_DIR) -> None:
             print(f"<!-- {path.name}: not measured -->\n")
             continue
         data = json.loads(path.read_text())
-        render = RENDER[name.removesuffix("_quick").removesuffix("_bf16").removesuffix("_fp32").removesuffix("_rerun")]
+        render = RENDER[max((k for k in RENDER if name.startswith(k)), key=len)]
         print(f"### {name}\n\n{header(data)}\n\n{render(data)}\n")
 
 
