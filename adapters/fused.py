@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from adapters.methods.base import AdapterBatch
 from adapters.methods.osora import OSoRABank
 
+EXPAND_KEPT = 64  # rows up to which a batch keeps its per-row slot-table cuts expanded (decode batches)
 # siblings (same parent module) that read the same input in Llama-family decoders
 SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
@@ -146,15 +147,24 @@ class FusedLinear:
     def _osora_rows(self, batch: AdapterBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """This group's columns of the batch's slot-table rows: ca [B, 2, n·rank] (c then a) and o [B, D].
         Cut once per batch object (the engine reuses it across decode steps while the slots stay) rather
-        than in every step: per layer and step that was a dozen view operators."""
+        than in every step: per layer and step that was a dozen view operators. When rows share slots
+        (`batch.table_rows`: a prompt chunk's tokens), the cut is of each distinct slot's row and is expanded
+        to the rows at each use above EXPAND_KEPT rows, so a long chunk never holds a [tokens, D] copy per
+        group for the whole step."""
         parts = batch.memo.get(self.offset)
         if parts is None:
             R, n, D, off, rn = self.R, self.n, self.D, self.offset, self.n * batch.rank
-            t = batch.table  # [B, P]: this batch's rows of the slot table
+            t = batch.table  # [B or distinct slots, P]: this batch's rows of the slot table
             ca = t[:, off: off + 2 * R * n].view(-1, 2, R * n)[:, :, :rn].contiguous()
             o = t[:, off + 2 * R * n: off + 2 * R * n + D]
-            parts = batch.memo[self.offset] = (ca, o)
-        return parts
+            rows = batch.table_rows
+            if rows is not None and rows.shape[0] <= EXPAND_KEPT:
+                ca, o, rows = ca.index_select(0, rows), o.index_select(0, rows), None
+            parts = batch.memo[self.offset] = (ca, o, rows)
+        ca, o, rows = parts
+        if rows is not None:
+            return ca.index_select(0, rows), o.index_select(0, rows)
+        return ca, o
 
     def _osora(self, y: torch.Tensor, z: torch.Tensor, u: torch.Tensor, batch: AdapterBatch) -> None:
         # y: [B, (T,) D] += U(c ⊙ z) + o ⊙ U(a ⊙ z), both U products in one matmul over 2·B·T rows;

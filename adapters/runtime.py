@@ -255,11 +255,19 @@ class AdaptedModel:
             if a.method in ("lora", "sorsa", "vera"):
                 key = s if a.method != "vera" else self._vera_key(s)
                 groups.setdefault(a.method, {}).setdefault(key, []).append(row)
+        table = rows = None
+        if "osora" in methods:  # each distinct slot's row once (a prompt chunk's tokens share one), then an index
+            distinct = sorted(set(slots))
+            if len(distinct) < len(slots):
+                where = {s: i for i, s in enumerate(distinct)}
+                rows = torch.tensor([where[s] for s in slots], dtype=torch.long, device=self.device)
+                t = torch.tensor(distinct, dtype=torch.long, device=self.device)
+            table = self.table.index_select(0, t)
         return AdapterBatch(
-            slots=t, methods=tuple(methods), rank=rank,
+            slots=torch.tensor(slots, dtype=torch.long, device=self.device), methods=tuple(methods), rank=rank,
             groups={m: [(k, torch.tensor(rows, dtype=torch.long, device=self.device)) for k, rows in g.items()]
                     for m, g in groups.items()},
-            table=self.table.index_select(0, t) if "osora" in methods else None)
+            table=table, table_rows=rows)
 
     def _vera_key(self, slot: int) -> str:
         for layer in self.layers.values():

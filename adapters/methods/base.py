@@ -36,9 +36,12 @@ class AdapterBatch:
     # method -> [(group key, row indices [n] long)] for methods applied group by group: the key is the
     # slot for LoRA and SORSA, the projection id for VeRA
     groups: dict[str, list[tuple[int | str, torch.Tensor]]] = field(default_factory=dict)
-    # this batch's rows of the model's OSoRA slot table [B, P] (adapters/fused.py), gathered once per
-    # batch for every fused layer; None when no row uses OSoRA
+    # this batch's rows of the model's OSoRA slot table [B, P] (adapters/fused.py; [distinct slots, P] with
+    # `table_rows`), gathered once per batch for every fused layer; None when no row uses OSoRA
     table: torch.Tensor | None = None
+    # when rows share slots (a prompt chunk's tokens are rows with one slot): `table` holds each distinct slot's
+    # row once and this [B] long tensor says which row of it each batch row reads; None: a row per batch row
+    table_rows: torch.Tensor | None = None
     # tensors derived from this batch by the layers (each fused group's cut of `table`), made on first use
     # and reused for as long as the batch object lives; key: the owner's choosing (a group's table offset)
     memo: dict[object, tuple[torch.Tensor, ...]] = field(default_factory=dict)

@@ -59,6 +59,20 @@ def test_fused_all_methods_in_one_batch(tiny_adapted, tiny_factors):
     check_groups(tiny_adapted, [6, 0, 1, 2, 3, 4, 5, 1])
 
 
+def test_rows_sharing_slots_beyond_the_kept_expansion(tiny_adapted, tiny_factors):
+    """A batch with more rows than EXPAND_KEPT whose rows share slots (a prompt chunk's tokens): the table holds
+    each distinct slot once and each row reads its slot's row; every row still equals W0 x + ΔW x."""
+    from adapters.fused import EXPAND_KEPT
+
+    adapters = [random_adapter("osora", tiny_adapted.spec, tiny_factors, r, seed=i) for i, r in enumerate([4, R_MAX])]
+    load_all(tiny_adapted, tiny_factors, adapters)
+    slots = [1] * 30 + [0] * 10 + [2] * 30 + [1] * 10
+    assert len(slots) > EXPAND_KEPT
+    batch = tiny_adapted.batch(slots)
+    assert batch.table.shape[0] == 3 and batch.table_rows is not None
+    check_groups(tiny_adapted, slots)
+
+
 def test_base_rows_are_the_base_model(tiny_adapted, tiny_factors):
     """A batch with no adapter uses W0 alone, bit for bit; a base row beside OSoRA rows stays within
     float rounding of it."""
