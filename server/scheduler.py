@@ -133,15 +133,14 @@ class Scheduler:
             if seq.status is Status.RUNNING and seq.num_tokens - seq.num_computed == 1 and self._grow(seq, preempted):
                 plan.append((seq, 1))
                 budget -= 1
-        chunks: list[int] = []  # lengths of the prompt chunks planned
         for seq in list(self.running):  # then the next chunk of each prompt being prefilled, oldest first
             if seq.status is Status.RUNNING and seq.num_tokens - seq.num_computed > 1:
-                n = self._chunk(seq, _fit(chunks, seq.num_tokens - seq.num_computed, budget), plan, preempted)
+                n = self._chunk(seq, min(seq.num_tokens - seq.num_computed, budget), plan, preempted)
                 if n:
                     plan.append((seq, n))
-                    chunks.append(n)
+                    budget -= n  # every chunk token is one row of the step's forward
         if not preempted:  # blocks are short: let the running ones finish before anyone new starts
-            plan += self._admit(budget, chunks)
+            plan += self._admit(budget)
         return self._output(plan, aborted, preempted)
 
     def _grow(self, seq: Sequence, preempted: list[Sequence]) -> bool:
@@ -176,9 +175,9 @@ class Scheduler:
             seq.blocks += self.kv.take([], self.kv.blocks_for(seq.num_computed + n) - len(seq.blocks))
         return max(n, 0)
 
-    def _admit(self, budget: int, chunks: list[int]) -> list[tuple[Sequence, int]]:
-        """Start waiting sequences with their first chunk; `budget` is left after the decode tokens,
-        `chunks` the prompt chunks already planned (extended here)."""
+    def _admit(self, budget: int) -> list[tuple[Sequence, int]]:
+        """Start waiting sequences with their first chunk; `budget`: the tokens left after the decode tokens
+        and the running prompts' chunks."""
         plan, bs = [], self.kv.block_size
         while len(self.running) < self.max_batch_size and (self.preempted or self.waiting):
             seq = self.preempted[0] if self.preempted else self.waiting.peek()
@@ -186,7 +185,7 @@ class Scheduler:
                 break
             hits = self._hits(seq)
             room = (self.kv.num_free - sum(1 for b in hits if b in self.kv.free)) * bs
-            n = min(_fit(chunks, seq.num_tokens - len(hits) * bs, budget), room)
+            n = min(seq.num_tokens - len(hits) * bs, budget, room)
             if n <= 0:
                 break
             try:
@@ -201,7 +200,7 @@ class Scheduler:
             self._pop(seq)
             self._start(seq, slot, hits, n)
             plan.append((seq, n))
-            chunks.append(n)
+            budget -= n
         self.running.sort(key=lambda s: s.arrival)
         return plan
 
@@ -343,8 +342,3 @@ def _inputs(seq: Sequence, n: int) -> list[int]:
         return [seq.output_ids[-1] if seq.output_ids else seq.prompt_ids[-1]]
     return seq.all_ids[seq.num_computed:seq.num_computed + n]
 
-
-def _fit(chunks: list[int], n: int, budget: int) -> int:
-    """The longest chunk, at most n tokens, that keeps the prompt chunks within `budget` (what the decode
-    tokens left; every chunk token is one row of the step's forward); 0 when none fits."""
-    return max(0, min(n, budget - sum(chunks)))
