@@ -258,13 +258,14 @@ class AdaptedModel:
         table = rows = None
         if "osora" in methods:  # each distinct slot's row once (a prompt chunk's tokens share one), then an index
             distinct = sorted(set(slots))
+            which = t
             if len(distinct) < len(slots):
                 where = {s: i for i, s in enumerate(distinct)}
                 rows = torch.tensor([where[s] for s in slots], dtype=torch.long, device=self.device)
-                t = torch.tensor(distinct, dtype=torch.long, device=self.device)
-            table = self.table.index_select(0, t)
+                which = torch.tensor(distinct, dtype=torch.long, device=self.device)
+            table = self.table.index_select(0, which)
         return AdapterBatch(
-            slots=torch.tensor(slots, dtype=torch.long, device=self.device), methods=tuple(methods), rank=rank,
+            slots=t, methods=tuple(methods), rank=rank,
             groups={m: [(k, torch.tensor(rows, dtype=torch.long, device=self.device)) for k, rows in g.items()]
                     for m, g in groups.items()},
             table=table, table_rows=rows)

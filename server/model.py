@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters.methods import AdapterBatch
+from server.kv.blocks import NULL_BLOCK
 from server.kv.cache import DecodeWorkspace, PagedKVCache
 
 SUPPORTED = ("llama", "mistral", "qwen2")
@@ -45,6 +46,12 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 def heads(x: torch.Tensor, n: int, hd: int) -> torch.Tensor:
     # x: [B, T, n*hd] -> [B, n, T, hd]
     return x.view(x.shape[0], x.shape[1], n, hd).transpose(1, 2)
+
+
+def padded_table(tables: list[list[int]], device: torch.device) -> torch.Tensor:
+    """[B, nb] block tables padded with the null block."""
+    nb = max(len(t) for t in tables)
+    return torch.tensor([t + [NULL_BLOCK] * (nb - len(t)) for t in tables], dtype=torch.long, device=device)
 
 
 def fused_group(*mods: nn.Module):
@@ -215,15 +222,14 @@ class _Chunks:
     chunks read the cache, nor pads to another chunk's length."""
 
     def __init__(self, m: DecoderModel, chunks: list[list[int]], ctx: list[int], tables: list[list[int]]):
-        dev, bs = m.device, m.block_size
+        dev = m.device
         self.m, self.lens = m, [len(c) for c in chunks]
         self.starts = [sum(self.lens[:j]) for j in range(len(chunks))]
         self.tokens = torch.tensor([t for c in chunks for t in c], dtype=torch.long, device=dev)
-        pos = [p for c, n in zip(ctx, self.lens) for p in range(c, c + n)]
-        self.slots = torch.tensor([tables[j][p // bs] * bs + p % bs for j, (c, n) in enumerate(zip(ctx, self.lens))
-                                   for p in range(c, c + n)], dtype=torch.long, device=dev)
-        pos_t = torch.tensor(pos, dtype=torch.long, device=dev)
-        self.cos, self.sin = m.cos[pos_t][:, None, None], m.sin[pos_t][:, None, None]  # [n, 1, 1, hd]
+        row = torch.tensor([j for j, n in enumerate(self.lens) for _ in range(n)], dtype=torch.long, device=dev)
+        pos = torch.tensor([p for c, n in zip(ctx, self.lens) for p in range(c, c + n)], dtype=torch.long, device=dev)
+        self.slots = m.slots(padded_table(tables, dev), row, pos)
+        self.cos, self.sin = m.cos[pos][:, None, None], m.sin[pos][:, None, None]  # [n, 1, 1, hd]
         fresh = [j for j, c in enumerate(ctx) if c == 0]
         self.alone: list[tuple[int, int, torch.Tensor | None, torch.Tensor | None]] = []  # (start, end, table, mask)
         for j, c in enumerate(ctx):

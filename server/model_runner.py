@@ -17,12 +17,11 @@ import torch
 
 from adapters.runtime import AdaptedModel
 from server.grammar import accept
-from server.model import DecoderModel
+from server.model import DecoderModel, padded_table
 from server.residency import Residency
 from server.sampler import Sampler
 from server.scheduler import SchedulerOutput
 from server.sequence import PromptLogprob, SampledToken
-from server.kv.blocks import NULL_BLOCK
 
 PROMPT_CHUNK = 256  # prompt positions turned into [chunk, V] logits at a time
 
@@ -41,12 +40,6 @@ def prompt_logprobs(logits_of, hidden: torch.Tensor, ids: list[int], start: int,
         for c, (v, i) in enumerate(zip(top_v.tolist(), top_i.tolist())):
             out.append(PromptLogprob(ids[start + s + c + 1], chosen[c], list(zip(i, v))))
     return out
-
-
-def padded_table(tables: list[list[int]], device: torch.device) -> torch.Tensor:
-    """[B, nb] block tables padded with the null block."""
-    nb = max(len(t) for t in tables)
-    return torch.tensor([t + [NULL_BLOCK] * (nb - len(t)) for t in tables], dtype=torch.long, device=device)
 
 
 class ModelRunner:
