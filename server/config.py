@@ -39,7 +39,7 @@ class Settings(BaseSettings):
     max_model_len: int = Field(2048, ge=16, description="most tokens (prompt + completion) per sequence")
     max_queue: int = Field(256, ge=1, description="waiting requests beyond which new ones get 429")
     kv_cache_memory: str = Field("0.2", description="KV cache budget: bytes ('4GiB', '512MB') or a fraction of the device's memory ('0.2': of RAM on the CPU); never more than max_batch_size full-length sequences need")
-    max_num_batched_tokens: int | None = Field(None, ge=1, description="tokens computed per engine step (decode tokens + prompt chunks; at least max_batch_size): a long prompt is prefilled in chunks of at most this many, alongside the running streams (default: 2048 on CUDA, 128 on a CPU, where a step of 16 streams plus a 112-token chunk measured under 2x a plain decode step: docs/engine.md)")
+    max_num_batched_tokens: int | None = Field(None, ge=1, description="tokens computed per engine step (decode tokens + prompt chunks; at least max_batch_size): a long prompt is prefilled in chunks of at most this many, alongside the running streams (default: 2048 on CUDA, 128 on a CPU, where a forward's cost grows with every token: docs/engine.md)")
     disable_prefix_caching: bool = Field(False, description="do not reuse the K/V of prompt prefixes across requests")
     max_resident_adapters: int = Field(64, ge=1, le=100_000, description="adapter slots on the device")
     max_adapter_bytes: int = Field(256 * 2**20, ge=1024, description="largest adapter upload accepted (bytes)")

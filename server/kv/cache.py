@@ -152,7 +152,8 @@ class DecodeWorkspace:
 
     def write(self, layer: int, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """index: [B] from `index(pos)`; k, v: [B, KV, hd]. One index_copy_ over the flattened (row, position)
-        axis: an advanced-index put (`k[:, rows, pos] = ...`) cost far more, in bfloat16 a fifth of a step."""
+        axis, with the index made once per step (not per layer); on a quiet host it costs the same as an
+        advanced-index put (7.4 against 7.8 us a layer at batch 32)."""
         KV, R, hd = self.k.shape[1], self.k.shape[2], self.k.shape[4]
         self.k[layer].view(KV, R * self.cap, hd).index_copy_(1, index, k.transpose(0, 1))
         self.v[layer].view(KV, R * self.cap, hd).index_copy_(1, index, v.transpose(0, 1))
