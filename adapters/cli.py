@@ -67,6 +67,9 @@ def build_parser(train=None) -> argparse.ArgumentParser:
     _model_options(p)
     p.set_defaults(func=cmd_factors)
 
+    p = sub.add_parser("kernels", help="build (or load) the native CPU kernels for this machine ahead of serving")
+    p.set_defaults(func=cmd_kernels)
+
     p = sub.add_parser("train", help="train an adapter (see `python -m adapters train --help`)")
     p.set_defaults(func=cmd_train)
     if train is not None:
@@ -270,4 +273,15 @@ def cmd_factors(args: argparse.Namespace) -> int:
     print(f"model {base.name} (fingerprint {base.fingerprint}) loaded in {t_model:.1f}s")
     print(f"factors: {len(factors)} layers, r_max={r_max}, {how} in {t_factors:.2f}s")
     print(f"cache: {path} ({os.path.getsize(path):,} bytes)")
+    return 0
+
+
+def cmd_kernels(args: argparse.Namespace) -> int:
+    from adapters import kernels
+
+    t0 = time.perf_counter()
+    op = kernels.osora_apply()
+    if op is None:
+        raise CommandError(f"the OSoRA CPU kernel did not build: {kernels.unavailable_reason()}")
+    print(f"OSoRA CPU kernel: {kernels.kernel_dir() / kernels.module_name()} ready in {time.perf_counter() - t0:.1f}s")
     return 0

@@ -20,6 +20,12 @@ OSoRA's per-slot vectors of every fused group live in one table [n_slots, P] (th
 views into it); a batch gathers its rows from it once (`AdapterBatch.table`), not once per layer. The
 other methods take the members' own banks with views of the fused z, as `AdaptedLinear` does.
 
+On a CPU the two lines after the first matmul are one call of a compiled kernel (adapters/kernels): per
+row it reads its 2·n·rank coefficients and each member's own block of U — not the zeros of Ublkᵀ, two
+thirds of it for q/k/v — and rounds into y once, where the torch composition takes five operators and
+rounds three intermediates (4–8× less time per group at batch 32). The torch composition serves wherever
+the kernel cannot be built, and on CUDA; tests hold both to the same reference.
+
 With no adapter in the batch the forward is `x · W0ᵀ` over the first D rows: exactly the base model.
 """
 
@@ -94,6 +100,7 @@ class FusedLinear:
         self.offset = table_width_offset
         self.width = 2 * R * n + D  # table columns: c (R·n), a (R·n), o (D)
         self._views: dict[int, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = {}
+        self.kernel = None  # the compiled OSoRA update (adapters/kernels), set by the model on a CPU
 
     def attach_table(self, table: torch.Tensor) -> None:
         """Give each member an OSoRA bank whose tensors are views into this group's table columns."""
@@ -144,13 +151,14 @@ class FusedLinear:
             views = self._views[rank] = (self.weight[:rows], b, self.ublk_t[:rn])
         return views
 
-    def _osora_rows(self, batch: AdapterBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """This group's columns of the batch's slot-table rows: ca [B, 2, n·rank] (c then a) and o [B, D].
-        Cut once per batch object (the engine reuses it across decode steps while the slots stay) rather
-        than in every step: per layer and step that was a dozen view operators. When rows share slots
-        (`batch.table_rows`: a prompt chunk's tokens), the cut is of each distinct slot's row and is expanded
-        to the rows at each use above EXPAND_KEPT rows, so a long chunk never holds a [tokens, D] copy per
-        group for the whole step."""
+    def _osora_rows(self, batch: AdapterBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """This group's columns of the batch's slot-table rows: ca [rows, 2, n·rank] (c then a) and o [rows, D],
+        and which of those rows each batch row reads (None: row b reads row b). Cut once per batch object (the
+        engine reuses it across decode steps while the slots stay) rather than in every step: per layer and
+        step that was a dozen view operators. When rows share slots (`batch.table_rows`: a prompt chunk's
+        tokens), the cut is of each distinct slot's row: the kernel reads it through the index; the torch
+        path expands it to the rows, kept up to EXPAND_KEPT rows and made at each use above, so a long chunk
+        never holds a [tokens, D] copy per group for the whole step."""
         parts = batch.memo.get(self.offset)
         if parts is None:
             R, n, D, off, rn = self.R, self.n, self.D, self.offset, self.n * batch.rank
@@ -158,19 +166,22 @@ class FusedLinear:
             ca = t[:, off: off + 2 * R * n].view(-1, 2, R * n)[:, :, :rn].contiguous()
             o = t[:, off + 2 * R * n: off + 2 * R * n + D]
             rows = batch.table_rows
-            if rows is not None and rows.shape[0] <= EXPAND_KEPT:
+            if rows is not None and self.kernel is None and rows.shape[0] <= EXPAND_KEPT:
                 ca, o, rows = ca.index_select(0, rows), o.index_select(0, rows), None
             parts = batch.memo[self.offset] = (ca, o, rows)
-        ca, o, rows = parts
-        if rows is not None:
-            return ca.index_select(0, rows), o.index_select(0, rows)
-        return ca, o
+        return parts
 
     def _osora(self, y: torch.Tensor, z: torch.Tensor, u: torch.Tensor, batch: AdapterBatch) -> None:
-        # y: [B, (T,) D] += U(c ⊙ z) + o ⊙ U(a ⊙ z), both U products in one matmul over 2·B·T rows;
-        # u: the first n·rank rows of Ublkᵀ
-        ca, o = self._osora_rows(batch)
+        # y: [B, (T,) D] += U(c ⊙ z) + o ⊙ U(a ⊙ z); u: the first n·rank rows of Ublkᵀ
+        ca, o, rows = self._osora_rows(batch)
         rn, D = ca.shape[-1], self.D
+        if self.kernel is not None:  # one pass per row block (adapters/kernels/osora_cpu.cpp)
+            per = z.shape[1] if z.dim() == 3 else 1
+            self.kernel(y.view(-1, D), z.view(-1, rn), ca, o, u, rows, self.n, rn // self.n, per, self.sizes)
+            return
+        if rows is not None:
+            ca, o = ca.index_select(0, rows), o.index_select(0, rows)
+        # the torch composition: both U products in one matmul over 2·B·T rows
         if z.dim() == 3:  # [B, T, rn]
             zz = z.unsqueeze(-2) * ca.unsqueeze(1)  # [B, T, 2, rn]
             o = o.unsqueeze(1)

@@ -92,7 +92,8 @@ class AdaptedModel:
     """The base model with adapter-aware target layers and `n_slots - 1` resident adapter slots."""
 
     def __init__(self, base: BaseModel, factors: dict[str, LayerFactors], n_slots: int,
-                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, kernels: bool = True,
+                 kernel_dir: str | None = None):
         self.base, self.n_slots = base, n_slots
         self.device, self.dtype = torch.device(device), dtype
         self.model = base.model.to(device=self.device, dtype=dtype)
@@ -110,6 +111,8 @@ class AdaptedModel:
         self.merged: Adapter | None = None
         self._pristine: dict[str, torch.Tensor] | None = None
         self.fused = self._fuse()
+        self.kernels = None  # why the compiled OSoRA kernel serves or does not (`use_kernels`)
+        self.use_kernels(kernels, kernel_dir)
         self._columns = self._table_columns()
         self._layouts: OrderedDict[tuple, tuple[np.ndarray, ...]] = OrderedDict()  # prepare's index plans
         self._layout_lock = threading.Lock()
@@ -130,6 +133,23 @@ class AdaptedModel:
         for g in groups:
             g.attach_table(self.table)
         return groups
+
+    def use_kernels(self, wanted: bool, directory: str | None = None) -> None:
+        """Serve fused OSoRA updates with the compiled CPU kernel (adapters/kernels; built in `directory` if
+        it is the first) when `wanted`, the model is on a CPU in float32 or bfloat16 and the kernel builds;
+        else with the torch composition."""
+        op = None
+        if not wanted:
+            self.kernels = "off"
+        elif self.device.type != "cpu" or self.dtype not in (torch.float32, torch.bfloat16):
+            self.kernels = f"torch path ({self.device.type}, {str(self.dtype).removeprefix('torch.')})"
+        else:
+            from adapters import kernels
+
+            op = kernels.osora_apply(directory)
+            self.kernels = "cpu kernel" if op is not None else f"torch path ({kernels.unavailable_reason()})"
+        for g in self.fused:
+            g.kernel = op
 
     def _table_columns(self) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """For every layer whose OSoRA bank is a view into the slot table: the table columns of its a, c (one
@@ -341,11 +361,13 @@ def _table_cols(view: torch.Tensor, table: torch.Tensor) -> np.ndarray:
 
 def load_adapted_model(path: str | None, *, r_max: int, cache_dir: str | None, n_slots: int,
                        device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                       targets: tuple[str, ...] | None = None, progress: bool = True) -> AdaptedModel:
+                       targets: tuple[str, ...] | None = None, progress: bool = True,
+                       kernels: bool = True, kernel_dir: str | None = None) -> AdaptedModel:
     """Base model (default: SmolLM2-135M-Instruct) + cached SVD factors + adapter slots, ready to serve."""
     from adapters.base_model import DEFAULT_TARGETS, load_base_model
     from adapters.factors import load_or_build_factors
 
     base = load_base_model(path, targets or DEFAULT_TARGETS)
     factors = load_or_build_factors(base.targets, base.fingerprint, r_max, cache_dir, progress=progress)
-    return AdaptedModel(base, factors, n_slots=n_slots, device=device, dtype=dtype)
+    return AdaptedModel(base, factors, n_slots=n_slots, device=device, dtype=dtype, kernels=kernels,
+                        kernel_dir=kernel_dir)

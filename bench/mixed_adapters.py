@@ -86,14 +86,15 @@ class Bench:
                                           dtype=dtype, progress=False)
         self.tokenizer = self.adapted.base.tokenizer
         self.max_len = args.prompt_len + args.steps + args.warmup + 2
-        from server.model_runner import padded_table
+        from server.model import padded_table
 
         bs = 16
         nb = -(-self.max_len // bs)
         self.model = DecoderModel(self.adapted.model, max_batch * nb + 1, bs, self.max_len)
         self.model.cache.zero(list(range(max_batch * nb + 1)))
         # row b owns blocks 1 + b*nb ..: what the engine's block manager hands out to a batch admitted at once
-        self.tables = padded_table([[1 + b * nb + j for j in range(nb)] for b in range(max_batch)], self.model.device)
+        self.block_lists = [[1 + b * nb + j for j in range(nb)] for b in range(max_batch)]
+        self.tables = padded_table(self.block_lists, self.model.device)
         self.loaded: tuple[str, int, int] | None = None
 
     def load(self, method: str, rank: int, n: int) -> float:
@@ -120,9 +121,10 @@ class Bench:
         else:
             slots = [0] * B if case.distinct == 0 else [1 + i % case.distinct for i in range(B)]
         try:
-            batch = self.adapted.batch(slots)
+            # prefill: the prompts' tokens are the rows, back to back, each with its sequence's slot
             table = self.tables[:B]
-            logits = self.model.prefill(prompts, torch.full((B,), P), torch.zeros(B, dtype=torch.long), table, batch)
+            logits = self.model.prefill(prompts.tolist(), [0] * B, self.block_lists[:B],
+                                        self.adapted.batch([s for s in slots for _ in range(P)]))
             tok = logits.argmax(-1)
             pos = torch.full((B,), P, dtype=torch.long)
             t0 = c0 = 0.0
@@ -130,7 +132,9 @@ class Bench:
                 if i == warmup:
                     t0, c0 = time.perf_counter(), time.process_time()
                 batch = self.adapted.batch(slots)  # built every step, as the engine's runner does
-                tok = self.model.decode(tok, pos, table, batch, group=case).argmax(-1)
+                # the same sequences every step: they keep their decode-workspace rows, as in the engine
+                keep = self.model.workspace.assign(list(range(B))) is not None
+                tok = self.model.decode(tok, pos, table, batch, keep).argmax(-1)
                 pos = pos + 1
             return B * steps / (time.perf_counter() - t0), B * steps / (time.process_time() - c0)
         finally:

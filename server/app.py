@@ -34,7 +34,8 @@ def load_model(config: Config):
 
     m = config.model
     return load_adapted_model(m.path, r_max=m.max_rank, cache_dir=m.cache_dir, n_slots=m.n_slots,
-                              device=m.device, dtype=getattr(torch, m.dtype), targets=m.targets, progress=False)
+                              device=m.device, dtype=getattr(torch, m.dtype), targets=m.targets, progress=False,
+                              kernels=m.cpu_kernels, kernel_dir=m.kernel_dir)
 
 
 def open_tenancy(config: Config, store=None):
@@ -123,8 +124,10 @@ def create_app(config: Config, model=None) -> FastAPI:
                         config.http.host, config.http.port)
         app.state.served = Served(name=adapted.base.name, fingerprint=adapted.base.fingerprint,
                                   created=int(time.time()), max_model_len=config.engine.max_model_len)
-        log.info("serving %s (fingerprint %s) on %s, store %s; ready in %.1f s", adapted.base.name,
-                 adapted.base.fingerprint, config.model.device, store.location, time.monotonic() - started)
+        log.info("serving %s (fingerprint %s) on %s in %s (OSoRA rows: %s), store %s; ready in %.1f s",
+                 adapted.base.name, adapted.base.fingerprint, config.model.device,
+                 str(adapted.dtype).removeprefix("torch."), adapted.kernels, store.location,
+                 time.monotonic() - started)
         try:
             yield
         finally:

