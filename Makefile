@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # The system services the tests start for themselves: PostgreSQL 15's server binaries (initdb, pg_ctl, postgres),
-# from Debian's package when no /usr/lib/postgresql/*/bin/initdb is there yet, and Prometheus. Idempotent; as root
+# from Debian's package when no /usr/lib/postgresql/*/bin/initdb is there yet, g++ and Prometheus. Idempotent; as root
 # no sudo. (The S3 server the tests start, moto's, comes with the test extra.)
 services:
 	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
@@ -46,6 +46,14 @@ services:
 		$$SUDO apt-get update; \
 		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postgresql-15; \
 	fi
+	@# g++ builds the native CPU kernel for OSoRA rows (adapters/kernels); without it the server serves with the
+	@# torch path and the kernel's own tests are skipped.
+	@if command -v g++ >/dev/null 2>&1; then echo "C++ compiler: $$(command -v g++)"; \
+	elif command -v apt-get >/dev/null 2>&1 && { [ "$$(id -u)" -eq 0 ] || command -v sudo >/dev/null 2>&1; }; then \
+		if [ "$$(id -u)" -eq 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+			g++ || echo "services: g++ not installed: the OSoRA CPU kernel falls back to the torch path" >&2; \
+	else echo "services: g++ not installed: the OSoRA CPU kernel falls back to the torch path" >&2; fi
 	@# Prometheus (Debian's package) scrapes a running server in one test (skipped where it cannot be installed).
 	@if command -v prometheus >/dev/null 2>&1; then echo "Prometheus: $$(command -v prometheus)"; \
 	elif command -v apt-get >/dev/null 2>&1 && { [ "$$(id -u)" -eq 0 ] || command -v sudo >/dev/null 2>&1; }; then \
