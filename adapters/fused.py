@@ -116,19 +116,28 @@ class FusedLinear:
 
     def __call__(self, x: torch.Tensor, batch: AdapterBatch | None) -> torch.Tensor:
         """x: [B, T, k] or [B, k] -> [B, T, D] (members' outputs side by side, in member order)."""
-        D, n = self.D, self.n
-        rank = 0 if batch is None or batch.empty else batch.rank
+        if batch is None or batch.empty:
+            w, b, _ = self._rank_views(0)
+            return F.linear(x, w, b)
+        D, n, rank = self.D, self.n, batch.rank
         w, b, u = self._rank_views(rank)
         e = F.linear(x, w, b)
         if not rank:
-            y, z = e, None
-        else:
-            y, z = e[..., :D], e[..., D:]  # z[..., i·n + j] = member j's component i of Vᵀx
-        if batch is None or batch.empty:
+            return self._others(x, e, None, batch)
+        y = e[..., :D]  # e[..., D + i·n + j] = member j's component i of Vᵀx
+        if batch.methods == ("osora",) and self.kernel is not None:  # the common case, in one call
+            ca, o, rows = self._osora_rows(batch)
+            self.kernel(e, D, ca, o, u, rows, n, rank, self.sizes)
             return y
+        return self._others(x, y, e[..., D:], batch, u, e)
+
+    def _others(self, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor | None, batch: AdapterBatch,
+                u: torch.Tensor | None = None, e: torch.Tensor | None = None) -> torch.Tensor:
+        """Every method of the batch, each adding its rows' deltas to y (OSoRA through the slot table)."""
+        n = self.n
         for method in batch.methods:
             if method == "osora" and batch.table is not None:
-                self._osora(y, z, u, batch)
+                self._osora(y, z, u, e, batch)
                 continue
             s = 0
             for j, m in enumerate(self.members):
@@ -171,13 +180,12 @@ class FusedLinear:
             parts = batch.memo[self.offset] = (ca, o, rows)
         return parts
 
-    def _osora(self, y: torch.Tensor, z: torch.Tensor, u: torch.Tensor, batch: AdapterBatch) -> None:
-        # y: [B, (T,) D] += U(c ⊙ z) + o ⊙ U(a ⊙ z); u: the first n·rank rows of Ublkᵀ
+    def _osora(self, y: torch.Tensor, z: torch.Tensor, u: torch.Tensor, e: torch.Tensor, batch: AdapterBatch) -> None:
+        # y: [B, (T,) D] += U(c ⊙ z) + o ⊙ U(a ⊙ z); u: the first n·rank rows of Ublkᵀ; y and z are views of e
         ca, o, rows = self._osora_rows(batch)
         rn, D = ca.shape[-1], self.D
         if self.kernel is not None:  # one pass per row block (adapters/kernels/osora_cpu.cpp)
-            per = z.shape[1] if z.dim() == 3 else 1
-            self.kernel(y.view(-1, D), z.view(-1, rn), ca, o, u, rows, self.n, rn // self.n, per, self.sizes)
+            self.kernel(e, D, ca, o, u, rows, self.n, rn // self.n, self.sizes)
             return
         if rows is not None:
             ca, o = ca.index_select(0, rows), o.index_select(0, rows)

@@ -12,6 +12,7 @@
 // same sequence of float operations.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <array>
 #include <cstring>
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -21,6 +22,7 @@ namespace {
 
 constexpr int64_t TILE = 32;  // output columns per tile: two 16-float vectors
 constexpr int RB = 4;         // rows per block
+constexpr int64_t PANEL = 128;  // columns per work item
 
 inline float to_f(float v) { return v; }
 inline float to_f(c10::BFloat16 v) {
@@ -57,29 +59,13 @@ struct Args {
 };
 
 // rows m[0..NR) (their coefficient rows crow[·]) for member j, columns [s, e)
+// rows m[0..NR) (coefficients cz/az: [row][r], their o rows orow[·]) for member j, columns [s, e)
 template <typename T, int NR>
-void block(const Args<T>& A, const int64_t* m, const int64_t* crow, int64_t j, int64_t s, int64_t e,
-           float (*cz)[64], float (*az)[64]) {
+void block(const Args<T>& A, const int64_t* m, const T* const* orow, int64_t j, int64_t s, int64_t e,
+           const float* const* cz, const float* const* az) {
     const int64_t n = A.n, r = A.r;
-    for (int q = 0; q < NR; ++q) {
-        const T* zr = A.z + m[q] * A.ldz;
-        const T* c = A.ca + crow[q] * 2 * A.rn;
-        const T* a = c + A.rn;
-        for (int64_t i = 0; i < r; ++i) {
-            const float zi = to_f(zr[i * n + j]);
-            cz[q][i] = zi * to_f(c[i * n + j]);
-            az[q][i] = zi * to_f(a[i * n + j]);
-        }
-    }
     int64_t t0 = s;
 #if defined(__AVX512F__)
-    // o is the adapters' own data, cold in a decode step (each row its own 1-6 KB, pages apart): ask for the
-    // block's lines now, they are first read after the first tile's multiply-adds
-    for (int q = 0; q < NR; ++q) {
-        const char* p = reinterpret_cast<const char*>(A.o + crow[q] * A.ldo + s);
-        const char* end = reinterpret_cast<const char*>(A.o + crow[q] * A.ldo + e);
-        for (; p < end; p += 64) _mm_prefetch(p, _MM_HINT_T0);
-    }
     for (; t0 + TILE <= e; t0 += TILE) {
         __m512 acc_c[NR][2], acc_a[NR][2];
         for (int q = 0; q < NR; ++q)
@@ -97,10 +83,10 @@ void block(const Args<T>& A, const int64_t* m, const int64_t* crow, int64_t j, i
         }
         for (int q = 0; q < NR; ++q) {
             T* yr = A.y + m[q] * A.ldy + t0;
-            const T* orow = A.o + crow[q] * A.ldo + t0;
+            const T* orw = orow[q] + t0;
             for (int h = 0; h < 2; ++h) {
                 __m512 v = _mm512_add_ps(load16(yr + 16 * h), acc_c[q][h]);
-                store16(yr + 16 * h, _mm512_fmadd_ps(load16(orow + 16 * h), acc_a[q][h], v));
+                store16(yr + 16 * h, _mm512_fmadd_ps(load16(orw + 16 * h), acc_a[q][h], v));
             }
         }
     }
@@ -114,38 +100,68 @@ void block(const Args<T>& A, const int64_t* m, const int64_t* crow, int64_t j, i
                 qa += az[q][i] * f;
             }
             T* yp = A.y + m[q] * A.ldy + t0;
-            from_f(to_f(*yp) + qc + to_f(A.o[crow[q] * A.ldo + t0]) * qa, yp);
+            from_f(to_f(*yp) + qc + to_f(orow[q][t0]) * qa, yp);
         }
     }
 }
 
 template <typename T>
-void apply(torch::Tensor& y, const torch::Tensor& z, const torch::Tensor& ca, const torch::Tensor& o,
-           const torch::Tensor& u, const torch::Tensor& rows, int64_t n, int64_t r, int64_t T_per,
-           const std::vector<int64_t>& sizes) {
-    Args<T> A{y.data_ptr<T>(), z.data_ptr<T>(), ca.data_ptr<T>(), o.data_ptr<T>(), u.data_ptr<T>(),
-              y.stride(0), z.stride(0), o.stride(0), u.stride(0), n, r, n * r};
-    const int64_t M = y.size(0);
+void apply(torch::Tensor& e, int64_t D, const torch::Tensor& ca, const torch::Tensor& o, const torch::Tensor& u,
+           const torch::Tensor& rows, int64_t n, int64_t r, const std::vector<int64_t>& sizes) {
+    const int64_t W = e.size(-1), M = e.numel() / W, T_per = e.size(0) ? M / e.size(0) : 1, rn = n * r;
+    T* ep = e.data_ptr<T>();
+    Args<T> A{ep, ep + D, ca.data_ptr<T>(), o.data_ptr<T>(), u.data_ptr<T>(), W, W, o.stride(0), u.stride(0),
+              n, r, rn};
     const int64_t* rp = rows.defined() ? rows.data_ptr<int64_t>() : nullptr;
-    std::vector<int64_t> starts(n + 1, 0);
-    for (int64_t j = 0; j < n; ++j) starts[j + 1] = starts[j] + sizes[j];
-    const int64_t blocks = (M + RB - 1) / RB;
-    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-        float cz[RB][64], az[RB][64];
-        for (int64_t b = b0; b < b1; ++b) {
-            int64_t m[RB], crow[RB];
-            const int nr = static_cast<int>(std::min<int64_t>(RB, M - b * RB));
-            for (int q = 0; q < nr; ++q) {
-                m[q] = b * RB + q;
-                crow[q] = rp ? rp[m[q] / T_per] : m[q] / T_per;
+    // every row's coefficients c·z and a·z, member by member ([m][j][i]), and its o row
+    std::vector<float> cz(M * rn), az(M * rn);
+    std::vector<const T*> orow(M);
+    for (int64_t m = 0; m < M; ++m) {
+        const int64_t row = rp ? rp[m / T_per] : m / T_per;
+        const T* zr = A.z + m * A.ldz;
+        const T* c = A.ca + row * 2 * rn;
+        const T* a = c + rn;
+        orow[m] = A.o + row * A.ldo;
+        for (int64_t j = 0; j < n; ++j)
+            for (int64_t i = 0; i < r; ++i) {
+                const float zi = to_f(zr[i * n + j]);
+                cz[(m * n + j) * r + i] = zi * to_f(c[i * n + j]);
+                az[(m * n + j) * r + i] = zi * to_f(a[i * n + j]);
             }
-            for (int64_t j = 0; j < n; ++j) {
-                const int64_t s = starts[j], e = starts[j + 1];
+    }
+    // work items: panels of PANEL columns of one member. A thread takes whole panels, and runs every row
+    // block through a panel: the panel's rows of U (r · PANEL values) stay in L1 for all rows, and each row
+    // reads its y and o over the panel as one contiguous run.
+    std::vector<std::array<int64_t, 3>> items;  // (member, first column, end column)
+    for (int64_t j = 0, s = 0; j < n; s += sizes[j], ++j)
+        for (int64_t t = s; t < s + sizes[j]; t += PANEL) items.push_back({j, t, std::min(t + PANEL, s + sizes[j])});
+    at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t i0, int64_t i1) {
+        for (int64_t it = i0; it < i1; ++it) {
+            const auto [j, s, e] = items[it];
+            for (int64_t b = 0; b < M; b += RB) {
+                const int nr = static_cast<int>(std::min<int64_t>(RB, M - b));
+                int64_t m[RB];
+                const T* orw[RB];
+                const float* czr[RB];
+                const float* azr[RB];
+                for (int q = 0; q < nr; ++q) {
+                    m[q] = b + q;
+                    orw[q] = orow[b + q];
+                    czr[q] = cz.data() + ((b + q) * n + j) * r;
+                    azr[q] = az.data() + ((b + q) * n + j) * r;
+                }
+#if defined(__AVX512F__)
+                // o is the adapters' own data, cold in a decode step: ask for the next block's run of it now
+                for (int64_t q = b + RB; q < std::min<int64_t>(b + 2 * RB, M); ++q)
+                    for (const char* p = reinterpret_cast<const char*>(orow[q] + s);
+                         p < reinterpret_cast<const char*>(orow[q] + e); p += 64)
+                        _mm_prefetch(p, _MM_HINT_T0);
+#endif
                 switch (nr) {
-                    case 4: block<T, 4>(A, m, crow, j, s, e, cz, az); break;
-                    case 3: block<T, 3>(A, m, crow, j, s, e, cz, az); break;
-                    case 2: block<T, 2>(A, m, crow, j, s, e, cz, az); break;
-                    default: block<T, 1>(A, m, crow, j, s, e, cz, az); break;
+                    case 4: block<T, 4>(A, m, orw, j, s, e, czr, azr); break;
+                    case 3: block<T, 3>(A, m, orw, j, s, e, czr, azr); break;
+                    case 2: block<T, 2>(A, m, orw, j, s, e, czr, azr); break;
+                    default: block<T, 1>(A, m, orw, j, s, e, czr, azr); break;
                 }
             }
         }
@@ -154,35 +170,33 @@ void apply(torch::Tensor& y, const torch::Tensor& z, const torch::Tensor& ca, co
 
 }  // namespace
 
-// y [M, D] (rows strided, columns contiguous) is updated in place. z [M, ≥ n·r]; ca [rows, 2, n·r] contiguous;
-// o [rows, D]; u [≥ n·r, D] (Ublkᵀ); rows: [M / T_per] long, which ca/o row each leading-dim row reads (checked
-// by the caller), or None (row m reads row m / T_per). r ≤ 64.
-void osora_apply(torch::Tensor y, torch::Tensor z, torch::Tensor ca, torch::Tensor o, torch::Tensor u,
-                 c10::optional<torch::Tensor> rows, int64_t n, int64_t r, int64_t T_per, std::vector<int64_t> sizes) {
-    TORCH_CHECK(y.device().is_cpu() && y.dim() == 2 && z.dim() == 2 && ca.dim() == 3 && o.dim() == 2 && u.dim() == 2,
-                "osora_apply: CPU tensors of the documented ranks");
-    TORCH_CHECK(y.stride(1) == 1 && z.stride(1) == 1 && o.stride(1) == 1 && u.stride(1) == 1 && ca.is_contiguous(),
-                "osora_apply: inner dimensions must be contiguous");
-    const auto dt = y.scalar_type();
-    TORCH_CHECK(z.scalar_type() == dt && ca.scalar_type() == dt && o.scalar_type() == dt && u.scalar_type() == dt,
-                "osora_apply: one dtype");
-    TORCH_CHECK(r >= 1 && r <= 64 && n >= 1 && T_per >= 1 && static_cast<int64_t>(sizes.size()) == n,
-                "osora_apply: bad n, r or sizes");
-    int64_t D = 0;
-    for (auto d : sizes) D += d;
-    TORCH_CHECK(D == y.size(1) && ca.size(1) == 2 && ca.size(2) == n * r && z.size(1) >= n * r &&
-                u.size(0) >= n * r && u.size(1) == D && o.size(1) == D && z.size(0) == y.size(0) &&
-                o.size(0) == ca.size(0), "osora_apply: shapes do not match");
+// e [B, (T,) W]: the fused matmul's output, contiguous; its first D columns are y (updated in place), the
+// next n·r are z. ca [rows, 2, n·r] contiguous; o [rows, D] (rows strided); u [≥ n·r, D] (Ublkᵀ); rows:
+// [B] long, which ca/o row each of e's B leading rows reads (built by the runtime, in range), or None (row
+// b reads row b). The T tokens of a leading row share its coefficients. r ≤ 64.
+void osora_apply(torch::Tensor e, int64_t D, torch::Tensor ca, torch::Tensor o, torch::Tensor u,
+                 c10::optional<torch::Tensor> rows, int64_t n, int64_t r, std::vector<int64_t> sizes) {
+    TORCH_CHECK(e.device().is_cpu() && e.dim() >= 2 && e.is_contiguous() && ca.dim() == 3 && o.dim() == 2 &&
+                u.dim() == 2, "osora_apply: CPU tensors of the documented ranks, e contiguous");
+    TORCH_CHECK(o.stride(1) == 1 && u.stride(1) == 1 && ca.is_contiguous(), "osora_apply: inner dimensions must be contiguous");
+    const auto dt = e.scalar_type();
+    TORCH_CHECK(ca.scalar_type() == dt && o.scalar_type() == dt && u.scalar_type() == dt, "osora_apply: one dtype");
+    TORCH_CHECK(r >= 1 && r <= 64 && n >= 1 && static_cast<int64_t>(sizes.size()) == n, "osora_apply: bad n, r or sizes");
+    int64_t sum = 0;
+    for (auto d : sizes) sum += d;
+    TORCH_CHECK(sum == D && D + n * r <= e.size(-1) && ca.size(1) == 2 && ca.size(2) == n * r &&
+                u.size(0) >= n * r && u.size(1) == D && o.size(1) == D && o.size(0) == ca.size(0),
+                "osora_apply: shapes do not match");
     torch::Tensor idx = rows.has_value() ? rows->contiguous() : torch::Tensor();
     if (idx.defined()) {
-        TORCH_CHECK(idx.scalar_type() == torch::kLong && idx.numel() * T_per == y.size(0), "osora_apply: bad rows");
+        TORCH_CHECK(idx.scalar_type() == torch::kLong && idx.numel() == e.size(0), "osora_apply: bad rows");
     } else {
-        TORCH_CHECK(y.size(0) <= ca.size(0) * T_per, "osora_apply: fewer coefficient rows than rows");
+        TORCH_CHECK(e.size(0) <= ca.size(0), "osora_apply: fewer coefficient rows than rows");
     }
     if (dt == torch::kFloat) {
-        apply<float>(y, z, ca, o, u, idx, n, r, T_per, sizes);
+        apply<float>(e, D, ca, o, u, idx, n, r, sizes);
     } else if (dt == torch::kBFloat16) {
-        apply<c10::BFloat16>(y, z, ca, o, u, idx, n, r, T_per, sizes);
+        apply<c10::BFloat16>(e, D, ca, o, u, idx, n, r, sizes);
     } else {
         TORCH_CHECK(false, "osora_apply: float32 or bfloat16 only");
     }

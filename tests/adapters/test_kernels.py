@@ -68,9 +68,10 @@ def torch_path(e, ca, o, u, idx, sizes, r, T):
 
 
 def run(op, e, ca, o, u, idx, sizes, r, T):
+    """The kernel on e viewed as [B, T, W] (B leading rows of T tokens each); returns the updated y [M, D]."""
     e = e.clone()
-    D, rn = sum(sizes), len(sizes) * r
-    op(e[:, :D], e[:, D:D + rn], ca, o, u, idx, len(sizes), r, T, sizes)
+    D = sum(sizes)
+    op(e.view(-1, T, e.shape[-1]) if T > 1 else e, D, ca, o, u, idx, len(sizes), r, sizes)
     return e[:, :D]
 
 
@@ -129,18 +130,21 @@ def test_a_row_gets_the_same_bits_in_any_batch(op, dtype):
 def test_bad_arguments_are_errors_not_crashes(op):
     sizes, r = [64, 32], 4
     e, ca, o, u, _ = case(sizes, r, 4)
-    D, rn = 96, 8
-    y, z = e[:, :D], e[:, D:D + rn]
+    D = 96
     with pytest.raises(RuntimeError, match="shapes"):
-        op(y, z, ca, o, u, None, 2, r, 1, [64, 31])
+        op(e, D, ca, o, u, None, 2, r, [64, 31])
+    with pytest.raises(RuntimeError, match="shapes"):
+        op(e[:, :D + 2].contiguous(), D, ca, o, u, None, 2, r, sizes)  # no room for z
     with pytest.raises(RuntimeError, match="one dtype"):
-        op(y, z, ca.double(), o, u, None, 2, r, 1, sizes)
+        op(e, D, ca.double(), o, u, None, 2, r, sizes)
     with pytest.raises(RuntimeError, match="contiguous"):
-        op(y, z, ca, o, u.t().contiguous().t(), None, 2, r, 1, sizes)
+        op(e, D, ca, o, u.t().contiguous().t(), None, 2, r, sizes)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        op(e[:, 1:], D, ca, o, u, None, 2, r, sizes)
     with pytest.raises(RuntimeError, match="rows"):
-        op(y, z, ca, o, u, torch.zeros(3, dtype=torch.long), 2, r, 1, sizes)
+        op(e, D, ca, o, u, torch.zeros(3, dtype=torch.long), 2, r, sizes)
     with pytest.raises(RuntimeError, match="bad n, r"):
-        op(y, z, ca, o, u, None, 2, 65, 1, sizes)
+        op(e, D, ca, o, u, None, 2, 65, sizes)
 
 
 def test_model_uses_the_kernel_and_can_turn_it_off(tiny_base, tiny_factors):
