@@ -103,8 +103,11 @@ class FusedLinear:
         self.kernel = None  # the compiled OSoRA update (adapters/kernels), set by the model on a CPU
 
     def attach_table(self, table: torch.Tensor) -> None:
-        """Give each member an OSoRA bank whose tensors are views into this group's table columns."""
+        """Give each member an OSoRA bank whose tensors are views into this group's table columns; the kernel
+        reads the group's columns of every slot through `ca_all` [n_slots, 2, R·n] and `o_all` [n_slots, D]."""
         R, n, off = self.R, self.n, self.offset
+        self.ca_all = table[:, off: off + 2 * R * n].view(-1, 2, R * n)
+        self.o_all = table[:, off + 2 * R * n: off + 2 * R * n + self.D]
         c_all = table[:, off: off + R * n].view(-1, R, n)
         a_all = table[:, off + R * n: off + 2 * R * n].view(-1, R, n)
         s = 0
@@ -126,18 +129,21 @@ class FusedLinear:
             return self._others(x, e, None, batch)
         y = e[..., :D]  # e[..., D + i·n + j] = member j's component i of Vᵀx
         if batch.methods == ("osora",) and self.kernel is not None:  # the common case, in one call
-            ca, o, rows = self._osora_rows(batch)
-            self.kernel(e, D, ca, o, u, rows, n, rank, self.sizes)
+            self.kernel(e, D, self.ca_all, self.o_all, u, batch.slots, n, rank, self.sizes)
             return y
         return self._others(x, y, e[..., D:], batch, u, e)
 
     def _others(self, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor | None, batch: AdapterBatch,
                 u: torch.Tensor | None = None, e: torch.Tensor | None = None) -> torch.Tensor:
+        # (e: the fused matmul's whole output, which the kernel takes; y and z are its views)
         """Every method of the batch, each adding its rows' deltas to y (OSoRA through the slot table)."""
         n = self.n
         for method in batch.methods:
+            if method == "osora" and self.kernel is not None:  # rows read the slot table through their slots
+                self.kernel(e, self.D, self.ca_all, self.o_all, u, batch.slots, n, batch.rank, self.sizes)
+                continue
             if method == "osora" and batch.table is not None:
-                self._osora(y, z, u, e, batch)
+                self._osora(y, z, u, batch)
                 continue
             s = 0
             for j, m in enumerate(self.members):
@@ -160,14 +166,13 @@ class FusedLinear:
             views = self._views[rank] = (self.weight[:rows], b, self.ublk_t[:rn])
         return views
 
-    def _osora_rows(self, batch: AdapterBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """This group's columns of the batch's slot-table rows: ca [rows, 2, n·rank] (c then a) and o [rows, D],
-        and which of those rows each batch row reads (None: row b reads row b). Cut once per batch object (the
-        engine reuses it across decode steps while the slots stay) rather than in every step: per layer and
-        step that was a dozen view operators. When rows share slots (`batch.table_rows`: a prompt chunk's
-        tokens), the cut is of each distinct slot's row: the kernel reads it through the index; the torch
-        path expands it to the rows, kept up to EXPAND_KEPT rows and made at each use above, so a long chunk
-        never holds a [tokens, D] copy per group for the whole step."""
+    def _osora_rows(self, batch: AdapterBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The torch path's cut of this group's columns from the batch's slot-table rows: ca [B, 2, n·rank]
+        (c then a) and o [B, D], a row per batch row. Cut once per batch object (the engine reuses it across
+        decode steps while the slots stay) rather than in every step: per layer and step that was a dozen view
+        operators. When rows share slots (`batch.table_rows`: a prompt chunk's tokens), the cut is of each
+        distinct slot's row, expanded to the rows: kept up to EXPAND_KEPT rows, made at each use above, so a
+        long chunk never holds a [tokens, D] copy per group for the whole step."""
         parts = batch.memo.get(self.offset)
         if parts is None:
             R, n, D, off, rn = self.R, self.n, self.D, self.offset, self.n * batch.rank
@@ -175,21 +180,19 @@ class FusedLinear:
             ca = t[:, off: off + 2 * R * n].view(-1, 2, R * n)[:, :, :rn].contiguous()
             o = t[:, off + 2 * R * n: off + 2 * R * n + D]
             rows = batch.table_rows
-            if rows is not None and self.kernel is None and rows.shape[0] <= EXPAND_KEPT:
+            if rows is not None and rows.shape[0] <= EXPAND_KEPT:
                 ca, o, rows = ca.index_select(0, rows), o.index_select(0, rows), None
             parts = batch.memo[self.offset] = (ca, o, rows)
-        return parts
-
-    def _osora(self, y: torch.Tensor, z: torch.Tensor, u: torch.Tensor, e: torch.Tensor, batch: AdapterBatch) -> None:
-        # y: [B, (T,) D] += U(c ⊙ z) + o ⊙ U(a ⊙ z); u: the first n·rank rows of Ublkᵀ; y and z are views of e
-        ca, o, rows = self._osora_rows(batch)
-        rn, D = ca.shape[-1], self.D
-        if self.kernel is not None:  # one pass per row block (adapters/kernels/osora_cpu.cpp)
-            self.kernel(e, D, ca, o, u, rows, self.n, rn // self.n, self.sizes)
-            return
+        ca, o, rows = parts
         if rows is not None:
-            ca, o = ca.index_select(0, rows), o.index_select(0, rows)
-        # the torch composition: both U products in one matmul over 2·B·T rows
+            return ca.index_select(0, rows), o.index_select(0, rows)
+        return ca, o
+
+    def _osora(self, y: torch.Tensor, z: torch.Tensor, u: torch.Tensor, batch: AdapterBatch) -> None:
+        # the torch composition of y: [B, (T,) D] += U(c ⊙ z) + o ⊙ U(a ⊙ z), both U products in one matmul over
+        # 2·B·T rows; u: the first n·rank rows of Ublkᵀ
+        ca, o = self._osora_rows(batch)
+        rn, D = ca.shape[-1], self.D
         if z.dim() == 3:  # [B, T, rn]
             zz = z.unsqueeze(-2) * ca.unsqueeze(1)  # [B, T, 2, rn]
             o = o.unsqueeze(1)

@@ -111,13 +111,13 @@ class AdaptedModel:
         self.merged: Adapter | None = None
         self._pristine: dict[str, torch.Tensor] | None = None
         self.fused = self._fuse()
-        self.kernels = None  # why the compiled OSoRA kernel serves or does not (`use_kernels`)
-        self.use_kernels(kernels, kernel_dir)
         self._columns = self._table_columns()
         self._layouts: OrderedDict[tuple, tuple[np.ndarray, ...]] = OrderedDict()  # prepare's index plans
         self._layout_lock = threading.Lock()
         self._version = 0  # bumped whenever what a slot serves changes (load, unload, merge)
         self._batches: OrderedDict[tuple, AdapterBatch] = OrderedDict()  # recent batch objects (LRU)
+        self.kernels = None  # why the compiled OSoRA kernel serves or does not (`use_kernels`)
+        self.use_kernels(kernels, kernel_dir)
 
     def _fuse(self) -> list[FusedLinear]:
         """Group the target layers by shared input (adapters/fused.py) and give them the slot table."""
@@ -150,6 +150,7 @@ class AdaptedModel:
             self.kernels = "cpu kernel" if op is not None else f"torch path ({kernels.unavailable_reason()})"
         for g in self.fused:
             g.kernel = op
+        self._batches.clear()  # batch objects are built for one path (the torch path's gathers table rows)
 
     def _table_columns(self) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """For every layer whose OSoRA bank is a view into the slot table: the table columns of its a, c (one
@@ -276,7 +277,9 @@ class AdaptedModel:
                 key = s if a.method != "vera" else self._vera_key(s)
                 groups.setdefault(a.method, {}).setdefault(key, []).append(row)
         table = rows = None
-        if "osora" in methods:  # each distinct slot's row once (a prompt chunk's tokens share one), then an index
+        if "osora" in methods and self.kernels != "cpu kernel":
+            # the torch path: each distinct slot's row once (a prompt chunk's tokens share one), then an index.
+            # (The kernel reads the slot table itself through the rows' slots: nothing to gather.)
             distinct = sorted(set(slots))
             which = t
             if len(distinct) < len(slots):

@@ -59,7 +59,7 @@ inline void store16(c10::BFloat16* p, __m512 v) {
 template <typename T>
 struct Args {
     T* y; const T* z; const T* ca; const T* o; const T* u;
-    int64_t ldy, ldz, ldo, ldu, n, r, rn;
+    int64_t ldy, ldz, ldo, ldu, ldc, lda, n, r, rn;  // ldc: ca's row stride; lda: from c to a in a row
 };
 
 // rows m[0..NR) (their coefficient rows crow[·]) for member j, columns [s, e)
@@ -127,7 +127,7 @@ void apply(torch::Tensor& e, int64_t D, const torch::Tensor& ca, const torch::Te
     const int64_t W = e.size(-1), M = e.numel() / W, T_per = e.size(0) ? M / e.size(0) : 1, rn = n * r;
     T* ep = e.data_ptr<T>();
     Args<T> A{ep, ep + D, ca.data_ptr<T>(), o.data_ptr<T>(), u.data_ptr<T>(), W, W, o.stride(0), u.stride(0),
-              n, r, rn};
+              ca.stride(0), ca.stride(1), n, r, rn};
     const int64_t* rp = rows.defined() ? rows.data_ptr<int64_t>() : nullptr;
     // every row's coefficients c·z and a·z, member by member ([m][j][i]), and its o row
     std::vector<float> cz(M * rn), az(M * rn);
@@ -135,8 +135,8 @@ void apply(torch::Tensor& e, int64_t D, const torch::Tensor& ca, const torch::Te
     for (int64_t m = 0; m < M; ++m) {
         const int64_t row = rp ? rp[m / T_per] : m / T_per;
         const T* zr = A.z + m * A.ldz;
-        const T* c = A.ca + row * 2 * rn;
-        const T* a = c + rn;
+        const T* c = A.ca + row * A.ldc;
+        const T* a = c + A.lda;
         orow[m] = A.o + row * A.ldo;
         for (int64_t j = 0; j < n; ++j)
             for (int64_t i = 0; i < r; ++i) {
@@ -182,20 +182,21 @@ void apply(torch::Tensor& e, int64_t D, const torch::Tensor& ca, const torch::Te
 }  // namespace
 
 // e [B, (T,) W]: the fused matmul's output, contiguous; its first D columns are y (updated in place), the
-// next n·r are z. ca [rows, 2, n·r] contiguous; o [rows, D] (rows strided); u [≥ n·r, D] (Ublkᵀ); rows:
-// [B] long, which ca/o row each of e's B leading rows reads (built by the runtime, in range), or None (row
-// b reads row b). The T tokens of a leading row share its coefficients. r ≤ 64.
+// next n·r are z. ca [rows, 2, ≥ n·r] (c then a; only the innermost dimension contiguous: the model passes
+// its group's columns of the whole slot table); o [rows, D] (rows strided); u [≥ n·r, D] (Ublkᵀ); rows: [B]
+// long, which ca/o row each of e's B leading rows reads (the rows' slots, built by the runtime, in range), or
+// None (row b reads row b). The T tokens of a leading row share its coefficients. r ≤ 64.
 void osora_apply(torch::Tensor e, int64_t D, torch::Tensor ca, torch::Tensor o, torch::Tensor u,
                  c10::optional<torch::Tensor> rows, int64_t n, int64_t r, std::vector<int64_t> sizes) {
     TORCH_CHECK(e.device().is_cpu() && e.dim() >= 2 && e.is_contiguous() && ca.dim() == 3 && o.dim() == 2 &&
                 u.dim() == 2, "osora_apply: CPU tensors of the documented ranks, e contiguous");
-    TORCH_CHECK(o.stride(1) == 1 && u.stride(1) == 1 && ca.is_contiguous(), "osora_apply: inner dimensions must be contiguous");
+    TORCH_CHECK(o.stride(1) == 1 && u.stride(1) == 1 && ca.stride(2) == 1, "osora_apply: inner dimensions must be contiguous");
     const auto dt = e.scalar_type();
     TORCH_CHECK(ca.scalar_type() == dt && o.scalar_type() == dt && u.scalar_type() == dt, "osora_apply: one dtype");
     TORCH_CHECK(r >= 1 && r <= 64 && n >= 1 && static_cast<int64_t>(sizes.size()) == n, "osora_apply: bad n, r or sizes");
     int64_t sum = 0;
     for (auto d : sizes) sum += d;
-    TORCH_CHECK(sum == D && D + n * r <= e.size(-1) && ca.size(1) == 2 && ca.size(2) == n * r &&
+    TORCH_CHECK(sum == D && D + n * r <= e.size(-1) && ca.size(1) == 2 && ca.size(2) >= n * r &&
                 u.size(0) >= n * r && u.size(1) == D && o.size(1) == D && o.size(0) == ca.size(0),
                 "osora_apply: shapes do not match");
     torch::Tensor idx = rows.has_value() ? rows->contiguous() : torch::Tensor();

@@ -127,6 +127,24 @@ def test_a_row_gets_the_same_bits_in_any_batch(op, dtype):
         assert torch.equal(alone[0], whole[m]), m
 
 
+def test_coefficients_read_through_strided_views(op):
+    """As the model calls it: ca and o are views of one slot table (row stride the table's width, c and a R·n
+    apart, only a prefix of R·n used at rank r), rows pick slots, some rows repeat a slot."""
+    sizes, r, R = [64, 32, 32], 5, 16
+    n, D = len(sizes), 128
+    g = torch.Generator().manual_seed(5)
+    table = torch.randn(6, 2 * R * n + D + 9, generator=g)
+    ca_all = table[:, 4: 4 + 2 * R * n].view(-1, 2, R * n)
+    o_all = table[:, 4 + 2 * R * n: 4 + 2 * R * n + D]
+    e, _, _, u, _ = case(sizes, r, 7)
+    slots = torch.tensor([3, 0, 5, 3, 1, 1, 2])
+    got = e.clone()
+    op(got, D, ca_all, o_all, u, slots, n, r, sizes)
+    ref = reference(e, ca_all[:, :, : n * r].contiguous(), o_all, u, slots, sizes, r, 1)
+    torch.testing.assert_close(got[:, :D].double(), ref, atol=1e-4, rtol=1e-5)
+    assert torch.equal(got[:, D:], e[:, D:])  # z and the columns after it untouched
+
+
 def test_bad_arguments_are_errors_not_crashes(op):
     sizes, r = [64, 32], 4
     e, ca, o, u, _ = case(sizes, r, 4)
@@ -139,6 +157,8 @@ def test_bad_arguments_are_errors_not_crashes(op):
         op(e, D, ca.double(), o, u, None, 2, r, sizes)
     with pytest.raises(RuntimeError, match="contiguous"):
         op(e, D, ca, o, u.t().contiguous().t(), None, 2, r, sizes)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        op(e, D, ca.transpose(1, 2).contiguous().transpose(1, 2), o, u, None, 2, r, sizes)
     with pytest.raises(RuntimeError, match="contiguous"):
         op(e[:, 1:], D, ca, o, u, None, 2, r, sizes)
     with pytest.raises(RuntimeError, match="rows"):
