@@ -17,8 +17,9 @@ are exactly the rank-r factors of every member — a batch of rank r slices a co
 is stored twice and merging into a member's weight merges into the fused one.
 
 OSoRA's per-slot vectors of every fused group live in one table [n_slots, P] (the members' OSoRA banks are
-views into it); a batch gathers its rows from it once (`AdapterBatch.table`), not once per layer. The
-other methods take the members' own banks with views of the fused z, as `AdaptedLinear` does.
+views into it). The kernel below reads each row's slot of it directly; the torch path gathers a batch's rows
+from it once (`AdapterBatch.table`), not once per layer. The other methods take the members' own banks with
+views of the fused z, as `AdaptedLinear` does.
 
 On a CPU the two lines after the first matmul are one call of a compiled kernel (adapters/kernels): per
 row it reads its 2·n·rank coefficients and each member's own block of U — not the zeros of Ublkᵀ, two

@@ -37,7 +37,8 @@ class AdapterBatch:
     # slot for LoRA and SORSA, the projection id for VeRA
     groups: dict[str, list[tuple[int | str, torch.Tensor]]] = field(default_factory=dict)
     # this batch's rows of the model's OSoRA slot table [B, P] (adapters/fused.py; [distinct slots, P] with
-    # `table_rows`), gathered once per batch for every fused layer; None when no row uses OSoRA
+    # `table_rows`), gathered once per batch for every fused layer of the torch path; None when no row uses
+    # OSoRA, and with the native CPU kernel, which reads the table through `slots`
     table: torch.Tensor | None = None
     # when rows share slots (a prompt chunk's tokens are rows with one slot): `table` holds each distinct slot's
     # row once and this [B] long tensor says which row of it each batch row reads; None: a row per batch row
