@@ -13,6 +13,7 @@ different CPU or torch builds its own, a restart loads the built one (~30 s to b
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -71,10 +72,19 @@ def _build(directory: str | None):
     name = module_name()
     build = kernel_dir(directory) / name
     build.mkdir(parents=True, exist_ok=True)
-    if not (build / f"{name}.so").exists():
-        log.info("building the OSoRA CPU kernel in %s (once per CPU and torch version)", build)
-    return ext.load(name, [str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
-                    build_directory=str(build), verbose=False)
+    # One build at a time across processes (replicas, workers starting together), under a lock the kernel
+    # releases when its holder dies. torch's own lock is a plain file that a build killed half-way leaves
+    # behind, after which every later start would wait for it forever; holding ours, no live build owns it.
+    with open(build / ".svdserve-build.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        stale = build / "lock"
+        if stale.exists():
+            log.warning("removing %s, left by a kernel build that did not finish", stale)
+            stale.unlink(missing_ok=True)
+        if not (build / f"{name}.so").exists():
+            log.info("building the OSoRA CPU kernel in %s (once per CPU and torch version)", build)
+        return ext.load(name, [str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+                        build_directory=str(build), verbose=False)
 
 
 def osora_apply(directory: str | None = None):

@@ -211,3 +211,22 @@ print("OK")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "PATH: torch path (" in out.stdout and "OK" in out.stdout, out.stdout
     assert "OSoRA CPU kernel unavailable" in out.stderr
+
+
+def test_a_build_killed_half_way_does_not_block_later_starts(tmp_path):
+    """torch.utils.cpp_extension leaves its `lock` file behind when a build is killed; a later start must
+    not wait for it forever. A fresh kernel directory holding such a file: the kernel builds and loads."""
+    script = """
+from adapters import kernels
+d = kernels.kernel_dir() / kernels.module_name()
+d.mkdir(parents=True)
+(d / "lock").write_text("")
+op = kernels.osora_apply()
+print("BUILT" if op is not None else "FAILED " + str(kernels.unavailable_reason()))
+"""
+    env = {**os.environ, "SVDSERVE_KERNEL_DIR": str(tmp_path / "k")}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0 and "BUILT" in out.stdout, (out.stdout, out.stderr[-3000:])
+    assert "did not finish" in out.stderr
