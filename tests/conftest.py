@@ -4,6 +4,8 @@
   (`python -m server --port <free> --store <tmp> --cache-dir <repo>/.cache/factors`), ready when /health answers.
 * `tiny_chat_base`: a tiny random Llama with a character-level tokenizer and a chat template — a BaseModel that
   the server, the engine and the runtime accept like the real one, built in well under a second.
+* the native OSoRA CPU kernel (adapters/kernels) is built once at the start of the session where a C++ compiler
+  is present (~30 s on a fresh machine), so no server a test starts spends its start-up timeout building it.
 * `postgres`: a throwaway PostgreSQL server (tests/postgres.py), started once per session: `.url` is
   `postgresql+psycopg://postgres@127.0.0.1:PORT/svdserve`, `.new_database(name=None)` the URL of a fresh empty
   database. Skipped where the server binaries are missing (`make services` installs them); under CI, an error.
@@ -49,6 +51,16 @@ class ServerProcess:
 
     def log_tail(self, n: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-n:]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def native_kernel() -> None:
+    import shutil
+
+    if shutil.which(os.environ.get("CXX", "c++")):
+        from adapters import kernels
+
+        kernels.osora_apply()  # built (or loaded) here; tests/adapters/test_kernels.py asserts it works
 
 
 def _clean_env() -> dict[str, str]:
