@@ -136,8 +136,8 @@ class FusedLinear:
 
     def _others(self, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor | None, batch: AdapterBatch,
                 u: torch.Tensor | None = None, e: torch.Tensor | None = None) -> torch.Tensor:
-        # (e: the fused matmul's whole output, which the kernel takes; y and z are its views)
-        """Every method of the batch, each adding its rows' deltas to y (OSoRA through the slot table)."""
+        """Every method of the batch, each adding its rows' deltas to y (OSoRA through the slot table). e is the
+        fused matmul's whole output, which the kernel takes; y and z are its views."""
         n = self.n
         for method in batch.methods:
             if method == "osora" and self.kernel is not None:  # rows read the slot table through their slots

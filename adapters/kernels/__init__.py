@@ -88,7 +88,7 @@ def _build(directory: str | None):
 
 
 def osora_apply(directory: str | None = None):
-    """The compiled `osora_apply(y, z, ca, o, u, rows, n, r, tokens_per_row, sizes)`, or None (logged once).
+    """The compiled `osora_apply(e, D, ca, o, u, rows, n, r, sizes)` (arguments: osora_cpu.cpp), or None (logged once).
     Built in (or loaded from) `directory` (default: `kernel_dir()`) on the first call of the process."""
     with _lock:
         got = _loaded.get("osora")
