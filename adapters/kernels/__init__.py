@@ -1,8 +1,9 @@
 """Native CPU kernels for the adapter path, compiled on first use with the machine's C++ compiler.
 
 `osora_apply()` returns the fused OSoRA update of one fused group (osora_cpu.cpp; its formula and layout are
-`FusedLinear._osora`'s), or None when it cannot be had: no C++ compiler or ninja, a failed build, or not
-wanted (`kernels=False` / `--cpu-kernels off`). Callers then use the torch composition of the same formula,
+`FusedLinear._osora`'s), or None when it cannot be had: no C++ compiler or ninja, a failed build, a CPU
+without AVX-512 (the kernel's tiles are AVX-512; its scalar loop alone is slower than torch), or not wanted
+(`kernels=False` / `--cpu-kernels off`). Callers then use the torch composition of the same formula,
 which stays the reference the kernel is tested against (tests/adapters/test_kernels.py).
 
 The build uses -march=native, so the compiled module is named after a hash of its source, torch's version
@@ -95,8 +96,11 @@ def osora_apply(directory: str | None = None):
         if got is None:
             try:
                 got = _build(directory)
+                if not got.vectorized():  # its scalar loop would be slower than the torch composition
+                    got = "no AVX-512 on this CPU (the kernel's tiles need it)"
             except Exception as e:  # no compiler, no ninja, a compile error: the torch path serves
                 got = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+            if isinstance(got, str):
                 log.warning("OSoRA CPU kernel unavailable (%s); serving with the torch path", got)
             _loaded["osora"] = got
     return None if isinstance(got, str) else got.osora_apply

@@ -214,6 +214,17 @@ void osora_apply(torch::Tensor e, int64_t D, torch::Tensor ca, torch::Tensor o, 
     }
 }
 
+// Whether the tiles run on AVX-512. Without it every column takes the scalar loop, slower than the torch
+// composition, so the loader serves with that instead.
+bool vectorized() {
+#if defined(__AVX512F__)
+    return true;
+#else
+    return false;
+#endif
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("osora_apply", &osora_apply, "OSoRA update of one fused group, in place (CPU)");
+    m.def("vectorized", &vectorized, "whether the build has the AVX-512 tiles");
 }

@@ -75,6 +75,13 @@ def run(op, e, ca, o, u, idx, sizes, r, T):
     return e[:, :D]
 
 
+def python(script: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """`script` in a fresh interpreter at the repository root (a kernel build may take ~30 s)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True,
+                          timeout=600)
+
+
 SHAPES = [([64, 32, 32], 16), ([576, 192, 192], 16), ([1536, 1536], 16), ([40, 8, 24], 3), ([100], 1),
           ([33, 65], 64), ([96, 96], 7)]
 
@@ -205,9 +212,7 @@ torch.testing.assert_close(y[0, :, :g.sizes[0]], ref, atol=1e-4, rtol=0)
 print("OK")
 """
     env = {**os.environ, "CXX": str(tmp_path / "no-compiler"), "SVDSERVE_KERNEL_DIR": str(tmp_path / "k")}
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    out = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True,
-                         timeout=300)
+    out = python(script, env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "PATH: torch path (" in out.stdout and "OK" in out.stdout, out.stdout
     assert "OSoRA CPU kernel unavailable" in out.stderr
@@ -225,8 +230,20 @@ op = kernels.osora_apply()
 print("BUILT" if op is not None else "FAILED " + str(kernels.unavailable_reason()))
 """
     env = {**os.environ, "SVDSERVE_KERNEL_DIR": str(tmp_path / "k")}
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    out = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True,
-                         timeout=600)
+    out = python(script, env)
     assert out.returncode == 0 and "BUILT" in out.stdout, (out.stdout, out.stderr[-3000:])
     assert "did not finish" in out.stderr
+
+
+def test_without_avx512_the_torch_path_serves(tmp_path):
+    """Built for a CPU without AVX-512 (-mno-avx512f), the kernel would run its scalar loop only, slower than
+    the torch composition: the loader says why and returns nothing, and the model serves with the torch path."""
+    script = """
+from adapters import kernels
+kernels.CFLAGS = kernels.CFLAGS + ["-mno-avx512f"]
+print("OP", kernels.osora_apply(), kernels.unavailable_reason())
+"""
+    env = {**os.environ, "SVDSERVE_KERNEL_DIR": str(tmp_path / "k")}
+    out = python(script, env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "OP None no AVX-512" in out.stdout, out.stdout
