@@ -130,7 +130,7 @@ class FusedLinear:
             return self._others(x, e, None, batch)
         y = e[..., :D]  # e[..., D + i·n + j] = member j's component i of Vᵀx
         if batch.methods == ("osora",) and self.kernel is not None:  # the common case, in one call
-            self.kernel(e, D, self.ca_all, self.o_all, u, batch.slots, n, rank, self.sizes)
+            self._kernel_update(e, u, batch)
             return y
         return self._others(x, y, e[..., D:], batch, u, e)
 
@@ -140,8 +140,8 @@ class FusedLinear:
         fused matmul's whole output, which the kernel takes; y and z are its views."""
         n = self.n
         for method in batch.methods:
-            if method == "osora" and self.kernel is not None:  # rows read the slot table through their slots
-                self.kernel(e, self.D, self.ca_all, self.o_all, u, batch.slots, n, batch.rank, self.sizes)
+            if method == "osora" and self.kernel is not None:
+                self._kernel_update(e, u, batch)
                 continue
             if method == "osora" and batch.table is not None:
                 self._osora(y, z, u, batch)
@@ -156,6 +156,11 @@ class FusedLinear:
                     y[..., s:e_] += bank.delta(x, zj, uj, batch)
                 s = e_
         return y
+
+    def _kernel_update(self, e: torch.Tensor, u: torch.Tensor, batch: AdapterBatch) -> None:
+        """The OSoRA update of e's first D columns by the compiled kernel; rows read the slot table through
+        their slots."""
+        self.kernel(e, self.D, self.ca_all, self.o_all, u, batch.slots, self.n, batch.rank, self.sizes)
 
     def _rank_views(self, rank: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """The first D + n·rank rows of W_ext and of the bias, and the first n·rank rows of Ublkᵀ: views

@@ -277,7 +277,7 @@ class AdaptedModel:
                 key = s if a.method != "vera" else self._vera_key(s)
                 groups.setdefault(a.method, {}).setdefault(key, []).append(row)
         table = rows = None
-        if "osora" in methods and self.kernels != "cpu kernel":
+        if "osora" in methods and self.fused[0].kernel is None:
             # the torch path: each distinct slot's row once (a prompt chunk's tokens share one), then an index.
             # (The kernel reads the slot table itself through the rows' slots: nothing to gather.)
             distinct = sorted(set(slots))
