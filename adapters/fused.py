@@ -102,6 +102,8 @@ class FusedLinear:
         self.width = 2 * R * n + D  # table columns: c (R·n), a (R·n), o (D)
         self._views: dict[int, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = {}
         self.kernel = None  # the compiled OSoRA update (adapters/kernels), set by the model on a CPU
+        self.packed = None  # Ublkᵀ in AMX tiles, where the kernel multiplies bfloat16 on AMX
+        self.packed_v = None  # and W_ext's Vᵀ rows: the kernel then computes z = Vᵀx itself
 
     def attach_table(self, table: torch.Tensor) -> None:
         """Give each member an OSoRA bank whose tensors are views into this group's table columns; the kernel
@@ -124,6 +126,13 @@ class FusedLinear:
             w, b, _ = self._rank_views(0)
             return F.linear(x, w, b)
         D, n, rank = self.D, self.n, batch.rank
+        if rank and self.packed_v is not None and batch.methods == ("osora",):
+            # AMX: the base model's own matmul, then the kernel computes z = Vᵀx and the update on the tile unit
+            w, b, _ = self._rank_views(0)
+            y = F.linear(x, w, b)
+            self.kernel(y, D, self.ca_all, self.o_all, self.ublk_t, batch.slots, n, rank, self.sizes, self.packed,
+                        x if x.is_contiguous() else x.contiguous(), self.packed_v)
+            return y
         w, b, u = self._rank_views(rank)
         e = F.linear(x, w, b)
         if not rank:
@@ -160,7 +169,7 @@ class FusedLinear:
     def _kernel_update(self, e: torch.Tensor, u: torch.Tensor, batch: AdapterBatch) -> None:
         """The OSoRA update of e's first D columns by the compiled kernel; rows read the slot table through
         their slots."""
-        self.kernel(e, self.D, self.ca_all, self.o_all, u, batch.slots, self.n, batch.rank, self.sizes)
+        self.kernel(e, self.D, self.ca_all, self.o_all, u, batch.slots, self.n, batch.rank, self.sizes, self.packed)
 
     def _rank_views(self, rank: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """The first D + n·rank rows of W_ext and of the bias, and the first n·rank rows of Ublkᵀ: views

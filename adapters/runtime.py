@@ -138,7 +138,7 @@ class AdaptedModel:
         """Serve fused OSoRA updates with the compiled CPU kernel (adapters/kernels; built in `directory` if
         it is the first) when `wanted`, the model is on a CPU in float32 or bfloat16 and the kernel builds;
         else with the torch composition."""
-        op = None
+        op, packers = None, None
         if not wanted:
             self.kernels = "off"
         elif self.device.type != "cpu" or self.dtype not in (torch.float32, torch.bfloat16):
@@ -148,8 +148,15 @@ class AdaptedModel:
 
             op = kernels.osora_apply(directory)
             self.kernels = "cpu kernel" if op is not None else f"torch path ({kernels.unavailable_reason()})"
+            if op is not None and self.dtype == torch.bfloat16:
+                packers = kernels.amx_packers(directory)
+                if packers is not None:
+                    self.kernels = "cpu kernel, AMX"
         for g in self.fused:
             g.kernel = op
+            # bfloat16 on AMX: U and the Vᵀ rows packed once into the tile unit's layout (U without Ublkᵀ's zeros)
+            g.packed = packers[0](g.ublk_t, g.n, g.R, g.sizes) if packers else None
+            g.packed_v = packers[1](g.weight[g.D:], g.n, g.R) if packers else None
         self._batches.clear()  # batch objects are built for one path (the torch path's gathers table rows)
 
     def _table_columns(self) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:

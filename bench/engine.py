@@ -214,7 +214,7 @@ def osora_rows(args, rows: list[dict], d: Decoder, dtype: str) -> None:
         return d.run("paged", mixed)
 
     cases = {"osora": lambda: served(True), "base": lambda: d.run("paged", base)}
-    if kernel == "cpu kernel":
+    if kernel.startswith("cpu kernel"):
         cases["torch"] = lambda: served(False)
     r = interleaved(args.rounds, cases)
     d.adapted.use_kernels(True)

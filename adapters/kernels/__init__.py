@@ -106,6 +106,16 @@ def osora_apply(directory: str | None = None):
     return None if isinstance(got, str) else got.osora_apply
 
 
+def amx_packers(directory: str | None = None):
+    """(`osora_pack`, `osora_pack_v`) of the compiled module, which pack a fused group's Ublkᵀ and its Vᵀ rows
+    (bfloat16) into the tiles `osora_apply(..., packed=, x=, packed_v=)` multiplies on AMX; None where the
+    kernel is unavailable or this CPU (or the OS) gives no AMX: bfloat16 then runs on the AVX-512 tiles."""
+    if osora_apply(directory) is None:
+        return None
+    module = _loaded["osora"]
+    return (module.osora_pack, module.osora_pack_v) if module.amx() else None
+
+
 def unavailable_reason() -> str | None:
     got = _loaded.get("osora")
     return got if isinstance(got, str) else None

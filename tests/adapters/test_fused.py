@@ -69,7 +69,7 @@ def test_rows_sharing_slots_beyond_the_kept_expansion(tiny_adapted, tiny_factors
     slots = [1] * 30 + [0] * 10 + [2] * 30 + [1] * 10
     assert len(slots) > EXPAND_KEPT
     batch = tiny_adapted.batch(slots)
-    if tiny_adapted.kernels == "cpu kernel":  # the kernel reads the slot table through each row's slot
+    if tiny_adapted.kernels.startswith("cpu kernel"):  # the kernel reads the slot table through each row's slot
         assert batch.table is None and batch.slots.tolist() == slots
     else:
         assert batch.table.shape[0] == 3 and batch.table_rows is not None
@@ -122,7 +122,7 @@ def test_batch_is_reused_until_slots_or_residency_change(tiny_adapted, tiny_fact
     tiny_adapted.load(2, random_adapter("osora", tiny_adapted.spec, tiny_factors, 8, seed=2))
     b2 = tiny_adapted.batch([1, 2])
     assert b2.rank == 8
-    assert b2.table is None if tiny_adapted.kernels == "cpu kernel" else torch.equal(b2.table, tiny_adapted.table[[1, 2]])
+    assert b2.table is None if tiny_adapted.kernels.startswith("cpu kernel") else torch.equal(b2.table, tiny_adapted.table[[1, 2]])
     tiny_adapted.unload(2)  # slot 2 is now empty: the old batch must not be served again
     with pytest.raises(KeyError):
         tiny_adapted.batch([1, 2])

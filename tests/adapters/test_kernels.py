@@ -247,3 +247,151 @@ print("OP", kernels.osora_apply(), kernels.unavailable_reason())
     out = python(script, env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "OP None no AVX-512" in out.stdout, out.stdout
+
+
+# ---- bfloat16 on AMX: the products on the tile unit, U (and the Vᵀ rows) packed once -------------------
+@pytest.fixture(scope="module")
+def amx(op):
+    packers = kernels.amx_packers()
+    if packers is None:
+        pytest.skip("no AMX on this CPU")
+    return packers
+
+
+def run_amx(op, amx, e, ca, o, u, idx, sizes, r, T, x=None, v=None):
+    """The kernel on AMX. Without x, z is read from e as on the AVX-512 path; with x [M, k] and the Vᵀ rows v
+    [n·r, k], the kernel computes z = Vᵀx itself and e holds y only."""
+    e = e.clone()
+    D, n = sum(sizes), len(sizes)
+    packed = amx[0](u, n, r, sizes)
+    if x is None:
+        op(e.view(-1, T, e.shape[-1]) if T > 1 else e, D, ca, o, u, idx, n, r, sizes, packed)
+        return e[:, :D]
+    y = e[:, :D].contiguous()
+    op(y.view(-1, T, D) if T > 1 else y, D, ca, o, u, idx, n, r, sizes, packed,
+       x.view(-1, T, x.shape[-1]) if T > 1 else x, amx[1](v, n, r))
+    return y
+
+
+def with_x(e, sizes, r, k, seed=0):
+    """x [M, k] and component-major Vᵀ rows [n·r, k] (bfloat16); e's z replaced by x·Vᵀ as the fused bfloat16
+    matmul would give it (rounded), for the reference and the torch path."""
+    g = torch.Generator().manual_seed(seed + 100)
+    x = torch.randn(e.shape[0], k, generator=g).bfloat16()
+    v = (torch.randn(len(sizes) * r, k, generator=g) / k ** 0.5).bfloat16()
+    D = sum(sizes)
+    z64 = x.double() @ v.double().T
+    e = e.clone()
+    e[:, D:D + z64.shape[1]] = (x @ v.T).to(e.dtype)  # the fused matmul's bfloat16 z
+    return x, v, z64, e
+
+
+def reference_z(e, z64, ca, o, u, idx, sizes, r, T):
+    """The float64 reference with z = Vᵀx exact (not rounded to bfloat16)."""
+    D = sum(sizes)
+    e = e.double().clone()
+    e[:, D:D + z64.shape[1]] = z64
+    return reference(e, ca, o, u, idx, sizes, r, T)
+
+
+@pytest.mark.parametrize("sizes,r", SHAPES)
+def test_amx_is_as_close_to_the_reference_as_the_torch_path(op, amx, sizes, r):
+    """On AMX, c·z enters the tile unit as two bfloat16 (hi + lo), so the products keep 16 bits of it: the
+    error stays within the torch path's, which rounds c·z to 8 — z read from e, and z computed from x."""
+    e, ca, o, u, idx = case(sizes, r, 32, dtype=torch.bfloat16)
+    ref = reference(e, ca, o, u, idx, sizes, r, 1)
+    err = (run_amx(op, amx, e, ca, o, u, idx, sizes, r, 1).double() - ref).abs().max().item()
+    err_torch = (torch_path(e, ca, o, u, idx, sizes, r, 1).double() - ref).abs().max().item()
+    scale = ref.abs().max().item()
+    assert err <= max(err_torch, scale * 2 ** -8), (err, err_torch, scale)
+    x, v, z64, ez = with_x(e, sizes, r, 72)
+    ref = reference_z(ez, z64, ca, o, u, idx, sizes, r, 1)
+    err = (run_amx(op, amx, ez, ca, o, u, idx, sizes, r, 1, x, v).double() - ref).abs().max().item()
+    err_torch = (torch_path(ez, ca, o, u, idx, sizes, r, 1).double() - ref).abs().max().item()
+    assert err <= max(err_torch, scale * 2 ** -8), (err, err_torch, scale)
+
+
+@pytest.mark.parametrize("M", [1, 16, 17, 40])
+def test_amx_matches_the_avx512_tiles_to_a_rounding(op, amx, M):
+    """Partial row blocks, one block, blocks split over the threads: within one bfloat16 rounding of y of
+    the AVX-512 path (both accumulate in float32, in different orders)."""
+    sizes, r = [576, 192, 192], 16
+    e, ca, o, u, idx = case(sizes, r, M, dtype=torch.bfloat16, seed=M)
+    got = run_amx(op, amx, e, ca, o, u, idx, sizes, r, 1).float()
+    avx = run(op, e, ca, o, u, idx, sizes, r, 1).float()
+    torch.testing.assert_close(got, avx, atol=0, rtol=2 ** -7)
+
+
+def test_amx_rank_chunks_and_k_tails(op, amx):
+    """r = 40 (three chunks of 16 components, the last partial) and k = 70 (not a multiple of 16): z from x
+    equals the reference."""
+    sizes, r = [48, 33], 40
+    e, ca, o, u, idx = case(sizes, r, 20, dtype=torch.bfloat16, seed=3)
+    x, v, z64, ez = with_x(e, sizes, r, 70, seed=3)
+    ref = reference_z(ez, z64, ca, o, u, idx, sizes, r, 1)
+    got = run_amx(op, amx, ez, ca, o, u, idx, sizes, r, 1, x, v)
+    torch.testing.assert_close(got.double(), ref, atol=2 ** -7 * ref.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("own_z", [False, True])
+def test_amx_shared_rows_and_tokens_per_row(op, amx, own_z):
+    sizes, r = [64, 32, 40], 8
+    rows = [2, 0, 2, 1, 1, 2]
+    for T in (1, 3):
+        e, ca, o, u, idx = case(sizes, r, len(rows) * T, rows=rows, T=T, dtype=torch.bfloat16, seed=T)
+        if own_z:
+            x, v, z64, e = with_x(e, sizes, r, 64, seed=T)
+            ref = reference_z(e, z64, ca, o, u, idx, sizes, r, T)
+            got = run_amx(op, amx, e, ca, o, u, idx, sizes, r, T, x, v)
+        else:
+            ref = reference(e, ca, o, u, idx, sizes, r, T)
+            got = run_amx(op, amx, e, ca, o, u, idx, sizes, r, T)
+        torch.testing.assert_close(got.double(), ref, atol=0.02 * ref.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("own_z", [False, True])
+def test_amx_a_row_gets_the_same_bits_in_any_batch(op, amx, own_z):
+    """Mixed batch = alone on AMX: a row alone (one padded block, columns split over the threads) and at
+    every place in a batch of 40 (row blocks split over the threads) gets the same bits."""
+    sizes, r = [576, 192, 192], 16
+    e, ca, o, u, _ = case(sizes, r, 40, dtype=torch.bfloat16)
+    x = v = None
+    if own_z:
+        x, v, _, e = with_x(e, sizes, r, 96)
+    whole = run_amx(op, amx, e, ca, o, u, None, sizes, r, 1, x, v)
+    for m in range(40):
+        xm = None if x is None else x[m:m + 1]
+        alone = run_amx(op, amx, e[m:m + 1], ca[m:m + 1], o[m:m + 1], u, None, sizes, r, 1, xm, v)
+        assert torch.equal(alone[0], whole[m]), m
+
+
+def test_amx_bad_arguments_are_errors(op, amx):
+    sizes, r = [64, 32], 4
+    e, ca, o, u, _ = case(sizes, r, 4, dtype=torch.bfloat16)
+    D, n = 96, 2
+    packed = amx[0](u, n, r, sizes)
+    with pytest.raises(RuntimeError, match="packed"):
+        op(e, D, ca, o, u, None, n, r, sizes, packed[:, :3].contiguous())
+    with pytest.raises(RuntimeError, match="one dtype|packed"):
+        op(e.float(), D, ca.float(), o.float(), u.float(), None, n, r, sizes, packed)
+    x = torch.randn(4, 32).bfloat16()
+    with pytest.raises(RuntimeError, match="x needs"):
+        op(e[:, :D].contiguous(), D, ca, o, u, None, n, r, sizes, packed, x)
+    pv = amx[1](torch.randn(n * r, 32).bfloat16(), n, r)
+    with pytest.raises(RuntimeError, match="x must"):
+        op(e[:, :D].contiguous(), D, ca, o, u, None, n, r, sizes, packed, torch.randn(3, 32).bfloat16(), pv)
+    with pytest.raises(RuntimeError, match="packed_v"):
+        op(e[:, :D].contiguous(), D, ca, o, u, None, n, r, sizes, packed, torch.randn(4, 48).bfloat16(), pv)
+    with pytest.raises(RuntimeError, match="sizes"):
+        amx[0](u, n, r, [64, 31])
+
+
+def test_bfloat16_model_uses_amx(tiny_base, tiny_factors, amx):
+    from adapters.runtime import AdaptedModel
+
+    m = AdaptedModel(tiny_base, tiny_factors, n_slots=3, dtype=torch.bfloat16)
+    assert m.kernels == "cpu kernel, AMX"
+    assert all(g.packed is not None and g.packed_v is not None for g in m.fused)
+    m.use_kernels(False)
+    assert all(g.packed is None and g.packed_v is None for g in m.fused)
+    assert AdaptedModel(tiny_base, tiny_factors, n_slots=3).kernels == "cpu kernel"  # float32: AVX-512
